@@ -1,0 +1,45 @@
+# The two commands of the README:
+#   make lab    set up a virtualenv and run doublenat against its built-in lab
+#   make test   install what the tests need (Debian packages included) and run them all
+
+VENV        ?= .venv
+PYTHON      ?= python3
+PIP         := $(VENV)/bin/pip
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the test suite talks to: real NAT-PMP peers, namespaces, nftables,
+# supervisord, and what building the .deb needs.
+DEB_PACKAGES := natpmpc miniupnpd miniupnpd-nftables nftables iproute2 supervisor \
+                dh-virtualenv debhelper dh-exec python3-venv build-essential
+
+.PHONY: lab test deps venv lint deb bench fuzz clean
+
+lab: venv
+	$(VENV)/bin/doublenat lab
+
+test: deps venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+# Installs only what is missing; the miniupnpd package must not start its service.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq \
+			--no-install-recommends $$missing; \
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

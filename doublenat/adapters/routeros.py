@@ -1,0 +1,356 @@
+"""The MikroTik, through a small pool of routeros-api connections (the `Router` contract).
+
+routeros-api is one blocking request/response stream per connection with no locking, so:
+- four connections sit in a gevent queue and each is used by one greenlet at a time;
+- every call has a deadline; a transport error, timeout, `!fatal` or malformed reply
+  discards the connection (the next use reconnects), a `!trap` does not;
+- `TCP_NODELAY` is set after each connect (the library writes word by word: without it
+  every command waits ~40 ms on delayed ACKs);
+- a connection that turns out dead after sitting in the pool does not cost the caller:
+  a read is retried once on a fresh connection; a write first checks, by the rule's
+  comment, whether it already took effect;
+- no text from the library reaches a log unredacted: it quotes whole sentences,
+  including `/login`'s password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import gevent
+import routeros_api
+from gevent.queue import Empty, LifoQueue
+from routeros_api.exceptions import RouterOsApiCommunicationError, RouterOsApiError
+
+from doublenat.engine.contracts import (
+    Clock,
+    NatRule,
+    NoSuchItem,
+    RouterTrap,
+    RouterUnavailable,
+    RuleSpec,
+    monotonic,
+)
+from doublenat.settings import Endpoint
+
+log = logging.getLogger("doublenat.router")
+
+T = TypeVar("T")
+NAT = "/ip/firewall/nat"
+_PROPLIST = ".id,chain,protocol,in-interface,dst-port,to-addresses,to-ports,comment,disabled"
+_PASSWORD_WORD = re.compile(rb"=password=[^\s'\"]*|=password=\S*")
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
+
+
+class _Deadline(Exception):
+    """Private timeout marker, so it cannot be confused with one raised by the caller."""
+
+
+@dataclass(eq=False)
+class _Connection:
+    api_pool: routeros_api.RouterOsApiPool | None = None
+    api: Any = None
+    calls: int = 0  # successful calls on the current TCP connection
+
+    def discard(self) -> None:
+        if self.api_pool is not None:
+            with contextlib.suppress(Exception):  # closing a broken socket may fail any way
+                self.api_pool.disconnect()
+        self.api_pool, self.api, self.calls = None, None, 0
+
+
+@dataclass
+class RouterStats:
+    connects: int = 0
+    connect_failures: int = 0
+    discarded: int = 0
+    calls: int = 0
+    traps: int = 0
+    retries: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds, drained by the stats log
+
+    def take_latencies(self) -> list[float]:
+        taken, self.latencies = self.latencies, []
+        return taken
+
+
+class _Transport(Exception):
+    """A call failed below the API level; `reused` says the connection had worked before."""
+
+    def __init__(self, message: str, reused: bool) -> None:
+        super().__init__(message)
+        self.reused = reused
+
+
+class RouterOsClient:
+    def __init__(
+        self,
+        address: Endpoint,
+        user: str,
+        password: str,
+        *,
+        tls: bool = False,
+        tls_ca: Path | None = None,
+        tls_verify: bool = True,
+        size: int = 4,
+        timeout: float = 5.0,
+        clock: Clock = monotonic,
+    ) -> None:
+        self.address = address
+        self._user = user
+        self._password = password
+        self.timeout = timeout
+        self.size = size
+        self._clock = clock
+        self._ssl_context = _tls_context(tls_ca, tls_verify) if tls else None
+        self._queue: LifoQueue[_Connection] = LifoQueue()
+        for _ in range(size):
+            self._queue.put(_Connection())
+        self._failures = 0
+        self._down_until = 0.0
+        self.stats = RouterStats()
+        self.closed = False
+
+    # --------------------------------------------------------------- contract
+
+    def add_rule(self, spec: RuleSpec) -> str:
+        words = {
+            "chain": "dstnat",
+            "action": "dst-nat",
+            "protocol": spec.proto.label,
+            "in-interface": spec.interface,
+            "dst-port": str(spec.dst_port),
+            "to-addresses": str(spec.to_address),
+            "to-ports": str(spec.to_port),
+            "comment": spec.comment,
+        }
+
+        def add(api: Any) -> str:
+            response = api.get_resource(NAT).call("add", words)
+            return str(response.done_message["ret"])
+
+        try:
+            return self._call(add)
+        except _Transport as failed:
+            # The add may have been applied before the connection broke: look first.
+            existing = self.find_rules(spec.comment)
+            if existing:
+                return existing[0].rule_id
+            if not failed.reused:
+                raise RouterUnavailable(str(failed)) from None
+            self.stats.retries += 1
+            return self._call_or_raise(add)
+
+    def remove_rule(self, rule_id: str) -> bool:
+        def remove(api: Any) -> bool:
+            api.get_resource(NAT).call("remove", {"id": rule_id})
+            return True
+
+        try:
+            return self._with_retry(remove)
+        except NoSuchItem:
+            return False
+
+    def update_rule(self, rule_id: str, **changes: str) -> None:
+        words = {"id": rule_id, **{k.replace("_", "-"): v for k, v in changes.items()}}
+        self._with_retry(lambda api: api.get_resource(NAT).call("set", words))
+
+    def list_rules(self) -> list[NatRule]:
+        return self._print_nat({"chain": "dstnat"})
+
+    def find_rules(self, comment: str) -> list[NatRule]:
+        return self._print_nat({"chain": "dstnat", "comment": comment})
+
+    def route_interface(self, destination: str) -> str | None:
+        def check(api: Any) -> str | None:
+            rows = api.get_resource("/ip/route").call("check", {"dst-ip": destination,
+                                                                "once": None})
+            for row in rows:
+                interface = row.get("interface")
+                if interface and row.get("status", "ok") == "ok":
+                    return str(interface)
+            return None
+
+        return self._with_retry(check)
+
+    def identity(self) -> str:
+        rows = self._with_retry(lambda api: api.get_resource("/system/identity").get())
+        return str(rows[0].get("name", "")) if rows else ""
+
+    def retry_at(self) -> float:
+        """Before this monotonic time a new connection attempt is not worth making."""
+        return self._down_until
+
+    def close(self) -> None:
+        self.closed = True
+        while True:
+            try:
+                connection = self._queue.get_nowait()
+            except Empty:
+                break
+            connection.discard()
+
+    # -------------------------------------------------------------- internals
+
+    def _print_nat(self, queries: dict[str, str]) -> list[NatRule]:
+        def run(api: Any) -> list[NatRule]:
+            rows = api.get_resource(NAT).call("print", {"proplist": _PROPLIST}, queries)
+            return [_rule(row) for row in rows]
+
+        return self._with_retry(run)
+
+    def _with_retry(self, work: Callable[[Any], T]) -> T:
+        """For reads and idempotent writes: one more try if a pooled connection was dead."""
+        try:
+            return self._call(work)
+        except _Transport as failed:
+            if not failed.reused:
+                raise RouterUnavailable(str(failed)) from None
+            self.stats.retries += 1
+            return self._call_or_raise(work)
+
+    def _call_or_raise(self, work: Callable[[Any], T]) -> T:
+        try:
+            return self._call(work)
+        except _Transport as failed:
+            raise RouterUnavailable(str(failed)) from None
+
+    def _call(self, work: Callable[[Any], T]) -> T:
+        try:
+            connection = self._queue.get(timeout=self.timeout)
+        except Empty:
+            raise RouterUnavailable(
+                f"all {self.size} API connections stayed busy for {self.timeout:g} s"
+            ) from None
+        reused = connection.api is not None
+        started = self._clock()
+        in_step = False  # is the connection known to be between two sentences?
+        try:
+            with gevent.Timeout(self.timeout, _Deadline):
+                if connection.api is None:
+                    self._connect(connection)
+                result = work(connection.api)
+            in_step = True
+        except RouterOsApiCommunicationError as exc:
+            # A trap: the router refused this command; the connection is still in step.
+            in_step = True
+            self.stats.traps += 1
+            message = self._redact(exc.original_message)
+            if "no such item" in message:
+                raise NoSuchItem(message) from None
+            raise RouterTrap(message) from None
+        except RouterUnavailable:
+            raise
+        except (_Deadline, RouterOsApiError, OSError, KeyError, AssertionError, ValueError,
+                IndexError) as exc:
+            self.stats.discarded += 1
+            raise _Transport(self._describe(exc), reused) from None
+        finally:
+            if not in_step:
+                connection.discard()  # whatever broke it (a caller's timeout included)
+            self._queue.put(connection)
+        connection.calls += 1
+        self.stats.calls += 1
+        self.stats.latencies.append(self._clock() - started)
+        return result
+
+    def _connect(self, connection: _Connection) -> None:
+        now = self._clock()
+        if now < self._down_until:
+            raise RouterUnavailable(
+                f"router {self.address} unreachable; next attempt in "
+                f"{self._down_until - now:.1f} s"
+            )
+        api_pool = routeros_api.RouterOsApiPool(
+            self.address.host,
+            username=self._user,
+            password=self._password,
+            port=self.address.port,
+            plaintext_login=True,
+            ssl_context=self._ssl_context,
+        )
+        api_pool.set_timeout(self.timeout)
+        try:
+            api = api_pool.get_api()
+        except RouterOsApiCommunicationError as exc:
+            api_pool.disconnect()
+            self._connect_failed()
+            raise RouterUnavailable(
+                f"login to {self.address} as {self._user!r} failed: "
+                f"{self._redact(exc.original_message)}"
+            ) from None
+        except BaseException as exc:
+            api_pool.disconnect()
+            if isinstance(exc, Exception | _Deadline):
+                self._connect_failed()
+                raise RouterUnavailable(
+                    f"cannot connect to {self.address}: {self._describe(exc)}"
+                ) from None
+            raise
+        raw = getattr(api_pool.socket, "socket", None)
+        if raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.api_pool, connection.api, connection.calls = api_pool, api, 0
+        self.stats.connects += 1
+        if self._failures:
+            log.info("router reachable again", extra={"event": "router.reconnected",
+                                                      "router": str(self.address)})
+        self._failures, self._down_until = 0, 0.0
+
+    def _connect_failed(self) -> None:
+        self.stats.connect_failures += 1
+        self._failures += 1
+        delay = min(_BACKOFF_FIRST * 2 ** (self._failures - 1), _BACKOFF_MAX)
+        self._down_until = self._clock() + delay
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, _Deadline):
+            return f"no answer within {self.timeout:g} s"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return f"TLS certificate rejected: {exc.verify_message}"
+        text = " ".join(str(a) if not isinstance(a, bytes) else a.decode("utf-8", "replace")
+                        for a in exc.args) or type(exc).__name__
+        return self._redact(f"{type(exc).__name__}: {text}")
+
+    def _redact(self, text: str | bytes) -> str:
+        if isinstance(text, bytes):
+            text = _PASSWORD_WORD.sub(b"=password=***", text).decode("utf-8", "replace")
+        text = re.sub(r"=password=\S*", "=password=***", text)
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+
+def _rule(row: dict[str, Any]) -> NatRule:
+    return NatRule(
+        rule_id=str(row.get("id", "")),
+        protocol=str(row.get("protocol", "")),
+        in_interface=str(row.get("in-interface", "")),
+        dst_port=str(row.get("dst-port", "")),
+        to_addresses=str(row.get("to-addresses", "")),
+        to_ports=str(row.get("to-ports", "")),
+        comment=str(row.get("comment", "")),
+        disabled=str(row.get("disabled", "false")).lower() in ("true", "yes"),
+    )
+
+
+def _tls_context(ca: Path | None, verify: bool) -> ssl.SSLContext:
+    # Built after gevent patched ssl, so wrapped sockets cooperate with the hub.
+    context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with contextlib.suppress(ssl.SSLError):
+            # RouterOS's api-ssl without a certificate offers only anonymous DH.
+            context.set_ciphers("DEFAULT:ADH:@SECLEVEL=0")
+        log.warning("MIKROTIK_API_TLS_VERIFY=false: the router's certificate is not checked",
+                    extra={"event": "tls.unverified"})
+    return context

@@ -1,0 +1,123 @@
+"""Logging: one JSON object per line (or plain text for humans), secrets scrubbed.
+
+Everything that could print a traceback on its own (gevent's hub, `sys.excepthook`,
+warnings) is routed through `logging`, so a log shipper never sees a loose line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, TextIO
+
+from pythonjsonlogger.json import JsonFormatter
+
+ROOT = "doublenat"
+_FIELDS = ["timestamp", "levelname", "name", "message"]
+_RENAMES = {"levelname": "level", "name": "logger", "exc_info": "exception"}
+# routeros-api quotes whole sentences in its errors, /login's password word included.
+_PASSWORD_WORD = re.compile(r"(=password=)[^\s'\",\]]*")
+MASK = "***"
+
+
+class Scrubber:
+    """Removes known secrets, raw or JSON-escaped, from finished log lines."""
+
+    def __init__(self) -> None:
+        self._secrets: list[str] = []
+
+    def add(self, secret: str) -> None:
+        if secret and secret not in self._secrets:
+            self._secrets.append(secret)
+            escaped = json.dumps(secret)[1:-1]
+            if escaped != secret:
+                self._secrets.append(escaped)
+            # Longest first, so a secret containing another is masked whole.
+            self._secrets.sort(key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        text = _PASSWORD_WORD.sub(r"\1" + MASK, text)
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+
+scrub = Scrubber()
+
+
+class _JsonFormatter(JsonFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
+class _TextFormatter(logging.Formatter):
+    converter = __import__("time").gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {
+            k: v
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD_ATTRS and not k.startswith("_")
+        }
+        if extras:
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return scrub(line)
+
+
+_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+def make_formatter(fmt: str) -> logging.Formatter:
+    if fmt == "text":
+        return _TextFormatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s")
+    return _JsonFormatter(_FIELDS, rename_fields=_RENAMES, timestamp=True)
+
+
+def configure(
+    level: str = "INFO",
+    fmt: str = "json",
+    stream: TextIO | None = None,
+    secrets: Iterable[str] = (),
+) -> None:
+    """Send every log record, warning and stray traceback to one stream in one format."""
+    for secret in secrets:
+        scrub.add(secret)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(make_formatter(fmt))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger(ROOT).setLevel(level)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    route_gevent_errors()
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    logging.getLogger(ROOT).critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def route_gevent_errors() -> None:
+    """Make the hub log greenlet failures instead of printing tracebacks to stderr."""
+    import gevent
+
+    hub = gevent.get_hub()
+    hub.print_exception = _hub_print_exception  # type: ignore[method-assign]
+
+
+def _hub_print_exception(context: Any, kind: Any, value: Any, tb: Any) -> None:
+    where = repr(context)
+    if len(where) > 200:
+        where = where[:200] + "..."  # the context may hold a whole datagram
+    logging.getLogger(f"{ROOT}.greenlet").error(
+        "unhandled error in greenlet", exc_info=(kind, value, tb), extra={"context": where}
+    )

@@ -1,0 +1,67 @@
+"""The periodic stats record: flat, typed fields an aggregator can graph as they are."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from doublenat.daemon import Daemon
+
+
+def percentile(samples: list[float], fraction: float) -> float | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 3)
+
+
+def collect(daemon: Daemon) -> dict[str, Any]:
+    """Counters since start, latency percentiles since the previous record."""
+    mapper = daemon.mapper
+    out: dict[str, Any] = {
+        "mappings_live": len(mapper.leases),
+        "mappings_adoptable": len(mapper.candidates),
+        "rules_to_remove": len(mapper.garbage),
+        "epoch": daemon.epoch.seconds(),
+        "upstream_generation": daemon.upstream.generation,
+        "router_ready": mapper.router_ready,
+        "interface": mapper.interface,
+    }
+    for name, count in sorted(daemon.responder.counts.items()):
+        out[f"requests_{name.replace('.', '_')}"] = count
+    for name, count in sorted(mapper.counters.items()):
+        out[f"mappings_{name}"] = count
+    for name, count in daemon.reconciler.totals.items():
+        out[f"reconcile_{name}"] = count
+    router_stats = getattr(daemon.router, "stats", None)
+    if router_stats is not None:
+        samples = router_stats.take_latencies()
+        out.update(
+            router_calls=router_stats.calls,
+            router_connects=router_stats.connects,
+            router_reconnects=max(0, router_stats.connects - getattr(daemon.router, "size", 0)),
+            router_connect_failures=router_stats.connect_failures,
+            router_retries=router_stats.retries,
+            router_traps=router_stats.traps,
+            router_latency_p50_ms=_ms(percentile(samples, 0.5)),
+            router_latency_p99_ms=_ms(percentile(samples, 0.99)),
+        )
+    gateway = daemon.gateway
+    latencies = getattr(gateway, "latencies", None)
+    if isinstance(latencies, list):
+        samples, gateway.latencies = latencies, []  # type: ignore[attr-defined]
+        out.update(
+            upstream_sent=getattr(gateway, "sent", 0),
+            upstream_retransmitted=getattr(gateway, "retransmitted", 0),
+            upstream_timeouts=getattr(gateway, "timeouts", 0),
+            upstream_latency_p50_ms=_ms(percentile(samples, 0.5)),
+            upstream_latency_p99_ms=_ms(percentile(samples, 0.99)),
+        )
+    if daemon.server is not None and daemon.server.pool is not None:
+        out["handlers_busy"] = daemon.server.in_flight()
+        out["handler_errors"] = daemon.server.errors
+    return out
