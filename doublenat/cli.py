@@ -8,15 +8,15 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import click  # noqa: E402
+import click
 
-from doublenat import __version__  # noqa: E402
-from doublenat.settings import SettingError, Settings  # noqa: E402
+from doublenat import __version__
+from doublenat.settings import SettingError, Settings
 
 USAGE_ERROR = 2
 

@@ -49,7 +49,7 @@ def lab(listen: str, profile: str, port_mode: str | None, router_latency: float,
     assert the_lab.daemon is not None
     host, port = the_lab.daemon.address
     router_host, router_port_bound = the_lab.router.address
-    gateway = "%s:%d" % the_lab.gateway.address
+    gateway = "{}:{}".format(*the_lab.gateway.address)
     click.echo(
         f"""
 doublenat lab is running.
