@@ -47,13 +47,18 @@ GOLDEN_REQUESTS = [
     ("pcp", H("0201") + bytes(58), UnsupportedVersionRequest(2, 1)),
     ("v1", H("0100"), UnsupportedVersionRequest(1, 0)),
     ("v255", H("ff7f 0000"), UnsupportedVersionRequest(255, 127)),
-    ("unknown opcode", H("0003 0000 0001 0002 00000003"),
-     UnknownOpcodeRequest(3, H("0003 0000 0001 0002 00000003"))),
+    (
+        "unknown opcode",
+        H("0003 0000 0001 0002 00000003"),
+        UnknownOpcodeRequest(3, H("0003 0000 0001 0002 00000003")),
+    ),
     ("unknown opcode short", H("007f"), UnknownOpcodeRequest(127, H("007f"))),
 ]
 
 
-@pytest.mark.parametrize(("name", "data", "expected"), GOLDEN_REQUESTS, ids=[g[0] for g in GOLDEN_REQUESTS])
+@pytest.mark.parametrize(
+    ("name", "data", "expected"), GOLDEN_REQUESTS, ids=[g[0] for g in GOLDEN_REQUESTS]
+)
 def test_golden_requests(name: str, data: bytes, expected: object) -> None:
     assert parse_request(data) == expected
 
@@ -115,7 +120,9 @@ GOLDEN_REPLIES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "reply", "data"), GOLDEN_REPLIES, ids=[g[0] for g in GOLDEN_REPLIES])
+@pytest.mark.parametrize(
+    ("name", "reply", "data"), GOLDEN_REPLIES, ids=[g[0] for g in GOLDEN_REPLIES]
+)
 def test_golden_replies(name: str, reply: object, data: bytes) -> None:
     assert pack_reply(reply) == data  # type: ignore[arg-type]
 

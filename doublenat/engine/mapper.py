@@ -36,6 +36,7 @@ from doublenat.engine.contracts import (
     GatewayError,
     MapAnswer,
     NatRule,
+    NoSuchItem,
     Router,
     RouterError,
     RouterTrap,
@@ -117,7 +118,8 @@ class Mapper:
         self.candidates: dict[MappingKey, Candidate] = {}
         self.pending: set[str] = set()  # comments of rules being written right now
         self.uncertain: set[str] = set()  # comments of writes whose outcome is unknown
-        self.garbage: dict[str, MappingKey] = {}  # rule ids to remove when the router allows
+        # Rules to remove when the router allows: id -> (mapping, router port still held).
+        self.garbage: dict[str, tuple[MappingKey, int]] = {}
         self.interface: str | None = None
         self.router_ready = False  # a port view and an interface have been loaded
         self.write_seq = 0
@@ -202,8 +204,8 @@ class Mapper:
             return _FAILED
         answer = self._ask(key.proto, port, suggested, lifetime, key)
         if answer is None or not _granted(answer):
-            self._drop_rule(rule_id, key)
-            self._release(key, port, port)
+            removed = self._drop_rule(rule_id, key, port)
+            self._release(key, port, port if removed else None)
             return _upstream_failure(answer)
         return self._install(key, port, port, key.internal_port, rule_id, interface, answer,
                              lifetime, "mapping.created")
@@ -397,7 +399,7 @@ class Mapper:
             client_keys.discard(key)
             if not client_keys:
                 del self.by_client[key.client]
-        removed = self._drop_rule(lease.rule_id, key)
+        removed = self._drop_rule(lease.rule_id, key, lease.router_port)
         self._forget_upstream(key.proto, lease.upstream_port, key)
         self.ports.release_upstream(key.proto, lease.upstream_port, key.client)
         if removed:
@@ -408,7 +410,7 @@ class Mapper:
     def _drop_candidate(self, candidate: Candidate, event: str) -> None:
         owned = candidate.owned
         key = owned.key
-        removed = self._drop_rule(owned.rule.rule_id, key)
+        removed = self._drop_rule(owned.rule.rule_id, key, owned.router_port or 0)
         self._forget_upstream(key.proto, owned.upstream_port, key)
         self.ports.release_upstream(key.proto, owned.upstream_port, key.client)
         if removed and owned.router_port is not None:
@@ -462,16 +464,24 @@ class Mapper:
     # ---------------------------------------------------- reconciliation hooks
 
     def remove_garbage(self, rule_id: str) -> bool:
-        key = self.garbage.get(rule_id)
-        if key is None:
+        if rule_id not in self.garbage:
             return True
         try:
             self.write_seq += 1
             self.router.remove_rule(rule_id)
+        except NoSuchItem:
+            pass
         except RouterError:
             return False
-        del self.garbage[rule_id]
+        self.forget_garbage(rule_id)
         return True
+
+    def forget_garbage(self, rule_id: str) -> None:
+        """The rule is gone from the router: its port is free again."""
+        entry = self.garbage.pop(rule_id, None)
+        if entry is not None:
+            key, port = entry
+            self.ports.release_router(key.proto, port, key.client)
 
     def locked(self, key: MappingKey) -> AbstractContextManager[None]:
         return self._locks.hold(key)
@@ -532,13 +542,13 @@ class Mapper:
                     router_port=spec.dst_port, reason=reason)
         return None
 
-    def _drop_rule(self, rule_id: str, key: MappingKey) -> bool:
+    def _drop_rule(self, rule_id: str, key: MappingKey, router_port: int) -> bool:
         self.write_seq += 1
         try:
             self.router.remove_rule(rule_id)
             return True
         except RouterError as exc:
-            self.garbage[rule_id] = key
+            self.garbage[rule_id] = (key, router_port)
             self._event(logging.WARNING, "rule.remove_failed", key, rule_id=rule_id,
                         reason=f"{exc}; reconciliation will remove it")
             return False

@@ -41,6 +41,7 @@ class Plan:
     restore: list[MappingKey] = field(default_factory=list)  # live mapping, rule missing
     retarget: list[MappingKey] = field(default_factory=list)  # rule on an old interface
     forget_candidates: list[MappingKey] = field(default_factory=list)  # their rule is gone
+    forget_garbage: list[str] = field(default_factory=list)  # already gone from the router
 
 
 def plan(
@@ -86,6 +87,7 @@ def plan(
     for key, candidate in candidates.items():
         if candidate.owned.rule.rule_id not in present:
             result.forget_candidates.append(key)
+    result.forget_garbage.extend(rule_id for rule_id in garbage if rule_id not in present)
     return result
 
 
@@ -131,10 +133,12 @@ class Reconciler:
             # Never guess (a LAN bridge would hijack LAN traffic): refuse new rules.
             mapper.router_ready = False
             raise
+        # Failures known before the listing are judged by it; later ones wait for the next.
         uncertain_before = set(mapper.uncertain)
+        garbage_before = set(mapper.garbage)
         rules = self.router.list_rules()
         the_plan = plan(rules, mapper.leases, mapper.candidates, mapper.pending,
-                        uncertain_before, mapper.garbage, interface)
+                        uncertain_before, garbage_before, interface)
         report = Report(interface=interface, rules=len(rules))
         if mapper.interface not in (None, interface):
             log.warning("VPN interface changed, moving rules",
@@ -164,10 +168,12 @@ class Reconciler:
                 }:
                     del mapper.candidates[key]
                     self._release(candidate.owned)
+        for rule_id in the_plan.forget_garbage:
+            mapper.forget_garbage(rule_id)
         for rule, why in the_plan.remove:
             report.removed += self._remove(rule, why)
         for key in the_plan.restore:
-            report.restored += self._restore(key)
+            report.restored += self._restore(key, interface)
         for key in the_plan.retarget:
             report.retargeted += self._retarget(key, interface)
         self._age_uncertain(uncertain_before)
@@ -214,21 +220,19 @@ class Reconciler:
             log.warning("could not remove a stray rule", extra={
                 "event": "rule.remove_failed", "rule_id": rule.rule_id, "reason": str(exc)})
             return 0
-        garbage_key = self.mapper.garbage.pop(rule.rule_id, None)
-        if garbage_key is not None:
-            self.mapper.ports.release_router(garbage_key.proto, int(rule.dst_port or 0),
-                                             garbage_key.client)
+        self.mapper.forget_garbage(rule.rule_id)
         log.info("removed a rule no mapping owns", extra={
             "event": "rule.removed", "rule_id": rule.rule_id, "comment": rule.comment,
             "reason": why})
         return 1
 
-    def _restore(self, key: MappingKey) -> int:
+    def _restore(self, key: MappingKey, interface: str) -> int:
         mapper = self.mapper
         with mapper.locked(key):
             lease = mapper.leases.get(key)
             if lease is None:
                 return 0
+            lease = replace(lease, interface=interface)
             try:
                 # Confirm under the lock: a rule written after the listing is not missing.
                 if self.router.find_rules(lease.comment):

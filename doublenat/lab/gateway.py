@@ -359,7 +359,7 @@ class GatewayEmulator:
         if self.delay > 0:
             gevent.sleep(self.delay)
         server = self._server
-        if server is not None:
+        if server is not None and not server.closed:  # a delayed reply may outlive stop()
             server.sendto(sent, source)
 
     def _answer(self, request: Request, source_ip: str, now: float) -> tuple[Reply, RequestKind]:

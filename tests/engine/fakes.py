@@ -1,0 +1,214 @@
+"""In-memory stand-ins for the router, the gateway and the clock (unit tests only)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+import gevent
+
+from doublenat.engine.contracts import (
+    AddressAnswer,
+    GatewayError,
+    MapAnswer,
+    NatRule,
+    NoSuchItem,
+    RouterTrap,
+    RouterUnavailable,
+    RuleSpec,
+)
+from doublenat.engine.epoch import UpstreamState
+from doublenat.engine.mapper import Mapper, MapperConfig
+from doublenat.engine.model import parse_owned
+from doublenat.protocol.natpmp import Proto, Result
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeRouter:
+    """A dstnat table with call counters and programmable failures."""
+
+    def __init__(self, interface: str = "wg-proton") -> None:
+        self.rules: dict[str, NatRule] = {}
+        self.route: str | None = interface
+        self.calls: Counter[str] = Counter()
+        self.fail: dict[str, Exception] = {}  # method name -> exception to raise (once)
+        self.fail_always: dict[str, Exception] = {}
+        self.delay: dict[str, float] = {}
+        self.on_call: Callable[[str], None] | None = None
+        self._ids = itertools.count(1)
+
+    def _enter(self, name: str) -> None:
+        self.calls[name] += 1
+        if self.on_call is not None:
+            self.on_call(name)
+        if name in self.delay:
+            gevent.sleep(self.delay[name])
+        error = self.fail.pop(name, None) or self.fail_always.get(name)
+        if error is not None:
+            raise error
+
+    @property
+    def writes(self) -> int:
+        return sum(self.calls[n] for n in ("add_rule", "remove_rule", "update_rule"))
+
+    @property
+    def reads(self) -> int:
+        return sum(self.calls[n] for n in ("list_rules", "find_rules", "route_interface"))
+
+    def add_rule(self, spec: RuleSpec) -> str:
+        self._enter("add_rule")
+        rule_id = f"*{next(self._ids):X}"
+        self.rules[rule_id] = NatRule(
+            rule_id,
+            spec.proto.label,
+            spec.interface,
+            str(spec.dst_port),
+            str(spec.to_address),
+            str(spec.to_port),
+            spec.comment,
+        )
+        return rule_id
+
+    def add_foreign(self, proto: str, interface: str, dst_port: str, comment: str = "") -> str:
+        rule_id = f"*{next(self._ids):X}"
+        self.rules[rule_id] = NatRule(
+            rule_id, proto, interface, dst_port, "192.168.88.5", dst_port, comment
+        )
+        return rule_id
+
+    def remove_rule(self, rule_id: str) -> bool:
+        self._enter("remove_rule")
+        return self.rules.pop(rule_id, None) is not None
+
+    def update_rule(self, rule_id: str, **changes: str) -> None:
+        self._enter("update_rule")
+        if rule_id not in self.rules:
+            raise NoSuchItem("no such item")
+        names = {"dst_port": "dst_port", "to_ports": "to_ports", "in_interface": "in_interface"}
+        rule = self.rules[rule_id]
+        from dataclasses import replace
+
+        self.rules[rule_id] = replace(rule, **{names[k]: v for k, v in changes.items()})
+
+    def list_rules(self) -> list[NatRule]:
+        self._enter("list_rules")
+        return list(self.rules.values())
+
+    def find_rules(self, comment: str) -> list[NatRule]:
+        self._enter("find_rules")
+        return [r for r in self.rules.values() if r.comment == comment]
+
+    def route_interface(self, destination: str) -> str | None:
+        self._enter("route_interface")
+        return self.route
+
+    def owned(self) -> dict[str, NatRule]:
+        return {i: r for i, r in self.rules.items() if parse_owned(r) is not None}
+
+
+class FakeGateway:
+    """An RFC-ish NAT-PMP gateway: ports as suggested when free, lifetimes capped."""
+
+    def __init__(self, max_lifetime: int = 60, proton: bool = False) -> None:
+        self.max_lifetime = max_lifetime
+        self.proton = proton
+        self.mappings: dict[tuple[Proto, int], int] = {}
+        self.calls: Counter[str] = Counter()
+        self.epoch = 5000
+        self.address = IPv4Address("11.22.33.44")
+        self.fail: list[Exception | Result] = []  # consumed one per call
+        self.fail_always: Exception | Result | None = None
+        self.delay = 0.0
+        self.next_port = 40000
+
+    def _outcome(self) -> Exception | Result | None:
+        if self.delay:
+            gevent.sleep(self.delay)
+        if self.fail:
+            return self.fail.pop(0)
+        return self.fail_always
+
+    def public_address(self) -> AddressAnswer:
+        self.calls["address"] += 1
+        failure = self._outcome()
+        if isinstance(failure, Exception):
+            raise failure
+        if isinstance(failure, Result):
+            return AddressAnswer(failure, IPv4Address(0), self.epoch)
+        return AddressAnswer(Result.SUCCESS, self.address, self.epoch)
+
+    def map(
+        self, proto: Proto, internal_port: int, suggested_port: int, lifetime: int
+    ) -> MapAnswer:
+        kind = (
+            "delete"
+            if lifetime == 0
+            else ("renew" if (proto, internal_port) in self.mappings else "create")
+        )
+        self.calls[kind] += 1
+        failure = self._outcome()
+        if isinstance(failure, Exception):
+            raise failure
+        if isinstance(failure, Result):
+            return MapAnswer(failure, 0, 0, self.epoch)
+        key = (proto, internal_port)
+        if lifetime == 0:
+            self.mappings.pop(key, None)
+            return MapAnswer(Result.SUCCESS, 0, 0, self.epoch)
+        if key not in self.mappings:
+            if self.proton:
+                self.next_port += 7
+                port = self.next_port
+            else:
+                taken = set(self.mappings.values())
+                port = (
+                    suggested_port
+                    if suggested_port and suggested_port not in taken
+                    else internal_port
+                )
+                while port in taken:
+                    port += 1
+            self.mappings[key] = port
+        return MapAnswer(
+            Result.SUCCESS, self.mappings[key], min(lifetime, self.max_lifetime), self.epoch
+        )
+
+
+def make_mapper(
+    router: FakeRouter | None = None,
+    gateway: FakeGateway | None = None,
+    clock: FakeClock | None = None,
+    ready: bool = True,
+    **config: object,
+) -> tuple[Mapper, FakeRouter, FakeGateway, FakeClock]:
+    router = router or FakeRouter()
+    gateway = gateway or FakeGateway()
+    clock = clock or FakeClock()
+    mapper = Mapper(
+        router,
+        gateway,
+        UpstreamState(clock),
+        MapperConfig(**config),  # type: ignore[arg-type]
+        clock=clock,
+    )
+    if ready:
+        mapper.interface = "wg-proton"
+        mapper.router_ready = True
+    return mapper, router, gateway, clock
+
+
+TRANSPORT = RouterUnavailable("connection reset")
+TRAP = RouterTrap("not enough permissions (9)")
+TIMEOUT = GatewayError("no valid answer")

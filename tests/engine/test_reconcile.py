@@ -1,0 +1,175 @@
+"""Reconciliation: the pure plan, and the runner against the in-memory router."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import gevent
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from doublenat.engine.contracts import NatRule
+from doublenat.engine.model import MappingKey, rule_comment
+from doublenat.engine.reconcile import NoInterface, Reconciler, plan
+from doublenat.protocol.natpmp import MapRequest, Proto, Result
+from tests.engine.fakes import TRANSPORT, make_mapper
+from tests.engine.test_mapper import rules_match_leases
+
+A = IPv4Address("192.168.88.20")
+
+
+def owned_rule(rule_id: str, internal: int, port: int, client: str = "192.168.88.20") -> NatRule:
+    key = MappingKey(IPv4Address(client), Proto.TCP, internal)
+    return NatRule(
+        rule_id, "tcp", "wg-proton", str(port), client, str(internal), rule_comment(key, port)
+    )
+
+
+def foreign_rule(rule_id: str, port: str) -> NatRule:
+    return NatRule(rule_id, "tcp", "wg-proton", port, "192.168.88.5", port, "web server")
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def test_plan_sorts_every_kind_of_rule() -> None:
+    mapper, router, _, _ = make_mapper()
+    mapper.handle(A, MapRequest(Proto.TCP, 7000, 7000, 60))
+    [live] = router.rules.values()
+    rules = [
+        live,
+        foreign_rule("*F1", "80"),
+        owned_rule("*E1", 6881, 6881),  # an earlier run's rule: adopt
+        owned_rule("*D1", 7000, 7100),  # a second rule for a live mapping: duplicate
+        NatRule("*X1", "tcp", "wg-proton", "1", "1.2.3.4", "1", "double-natpmp-garbled"),
+        owned_rule("*G1", 9000, 9000),  # garbage
+        owned_rule("*P1", 9100, 9100),  # being created right now
+        owned_rule("*U1", 9200, 9200),  # a write that failed midway
+    ]
+    result = plan(
+        rules,
+        mapper.leases,
+        mapper.candidates,
+        pending={rules[6].comment},
+        uncertain={rules[7].comment},
+        garbage={"*G1", "*GONE"},
+        interface="wg-proton",
+    )
+    assert [r.rule_id for r in result.foreign] == ["*F1"]
+    assert [o.rule.rule_id for o in result.adopt] == ["*E1"]
+    assert sorted(r.rule_id for r, _ in result.remove) == ["*D1", "*G1", "*U1", "*X1"]
+    assert result.forget_garbage == ["*GONE"]
+    assert not result.restore and not result.retarget
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 200), st.integers(1024, 1100), st.booleans()),
+        max_size=30,
+        unique_by=lambda t: t[0],
+    )
+)
+def test_plan_never_removes_a_live_or_pending_rule(specs: list[tuple[int, int, bool]]) -> None:
+    rules = [owned_rule(f"*{i:X}", 5000 + i, port) for i, port, _ in specs]
+    pending = {r.comment for r, (_, _, p) in zip(rules, specs, strict=True) if p}
+    result = plan(
+        rules, {}, {}, pending=pending, uncertain=set(), garbage=set(), interface="wg-proton"
+    )
+    removed = {r.rule_id for r, _ in result.remove}
+    assert not removed & {r.rule_id for r in rules if r.comment in pending}
+    assert len(result.adopt) + len(removed) == len(rules) - len(pending)
+
+
+# ---------------------------------------------------------------- the runner
+
+
+def run(mapper, router) -> object:  # type: ignore[no-untyped-def]
+    return Reconciler(mapper, router, "10.2.0.1").run_once()
+
+
+def test_first_run_adopts_instead_of_deleting() -> None:
+    mapper, router, _, _ = make_mapper(ready=False)
+    router.rules["*A1"] = owned_rule("*A1", 6881, 6881)
+    router.add_foreign("tcp", "wg-proton", "8080")
+    report = run(mapper, router)
+    assert report.adopted == 1 and report.removed == 0
+    assert mapper.router_ready and mapper.interface == "wg-proton"
+    assert sorted(router.rules) == ["*1", "*A1"]
+    assert not mapper.ports.router_free(Proto.TCP, 8080, A)  # foreign port known
+    assert not mapper.ports.router_free(Proto.TCP, 6881, IPv4Address("192.168.88.99"))
+    # the client renews: adopted with its rule, no write
+    writes = router.writes
+    assert mapper.handle(A, MapRequest(Proto.TCP, 6881, 6881, 60)).result == Result.SUCCESS
+    assert (
+        router.writes == writes and mapper.leases[MappingKey(A, Proto.TCP, 6881)].rule_id == "*A1"
+    )
+
+
+def test_restores_a_live_mappings_vanished_rule() -> None:
+    mapper, router, _, _ = make_mapper()
+    mapper.handle(A, MapRequest(Proto.TCP, 6881, 6881, 60))
+    router.rules.clear()  # an administrator deleted it
+    report = run(mapper, router)
+    assert report.restored == 1
+    rules_match_leases(mapper, router)
+
+
+def test_removes_garbage_and_duplicates_keeps_live() -> None:
+    mapper, router, _, _ = make_mapper()
+    mapper.handle(A, MapRequest(Proto.TCP, 6881, 6881, 60))
+    router.rules["*99"] = owned_rule("*99", 6881, 6999)  # duplicate of the live mapping
+    report = run(mapper, router)
+    assert report.removed == 1 and "*99" not in router.rules
+    rules_match_leases(mapper, router)
+
+
+def test_follows_an_interface_change() -> None:
+    mapper, router, _, _ = make_mapper()
+    mapper.handle(A, MapRequest(Proto.TCP, 6881, 6881, 60))
+    router.route = "wg-new"
+    report = run(mapper, router)
+    assert report.retargeted == 1 and mapper.interface == "wg-new"
+    assert {r.in_interface for r in router.rules.values()} == {"wg-new"}
+    assert all(lease.interface == "wg-new" for lease in mapper.leases.values())
+
+
+def test_no_route_refuses_new_rules_and_never_guesses() -> None:
+    mapper, router, _, _ = make_mapper()
+    router.route = None
+    with pytest.raises(NoInterface):
+        run(mapper, router)
+    assert not mapper.router_ready
+    assert mapper.handle(A, MapRequest(Proto.TCP, 6881, 0, 60)).result == Result.NETWORK_FAILURE
+    assert not router.rules
+    router.route = "wg-proton"
+    run(mapper, router)
+    assert mapper.handle(A, MapRequest(Proto.TCP, 6881, 0, 60)).result == Result.SUCCESS
+
+
+def test_never_removes_a_rule_being_created() -> None:
+    mapper, router, gateway, _ = make_mapper()
+    gateway.delay = 0.05  # the rule exists, the creation waits for the gateway
+    creation = gevent.spawn(mapper.handle, A, MapRequest(Proto.TCP, 6881, 6881, 60))
+    gevent.sleep(0.01)
+    assert router.rules and not mapper.leases
+    report = run(mapper, router)
+    creation.join()
+    assert creation.value.result == Result.SUCCESS
+    assert report.removed == 0
+    rules_match_leases(mapper, router)
+
+
+def test_removes_the_rule_of_a_write_that_failed_midway() -> None:
+    mapper, router, _, _ = make_mapper()
+    real_add = router.add_rule
+
+    def add_then_break(spec):  # type: ignore[no-untyped-def]
+        real_add(spec)
+        raise TRANSPORT  # applied on the router, but the answer was lost
+
+    router.add_rule = add_then_break  # type: ignore[method-assign]
+    assert mapper.handle(A, MapRequest(Proto.TCP, 6881, 6881, 60)).result == Result.NETWORK_FAILURE
+    assert len(router.rules) == 1
+    report = run(mapper, router)
+    assert report.removed == 1 and not router.rules
