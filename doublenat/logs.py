@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TextIO
@@ -31,19 +32,23 @@ class Scrubber:
         self._secrets: list[str] = []
 
     def add(self, secret: str) -> None:
-        if secret and secret not in self._secrets:
-            self._secrets.append(secret)
-            escaped = json.dumps(secret)[1:-1]
-            if escaped != secret:
-                self._secrets.append(escaped)
-            # Longest first, so a secret containing another is masked whole.
-            self._secrets.sort(key=len, reverse=True)
+        if not secret:
+            return
+        # As given, and as repr() writes it into a message or a traceback (str or bytes);
+        # each of those also as the JSON formatter escapes it.
+        for form in (secret, repr(secret)[1:-1], repr(secret.encode("utf-8"))[2:-1]):
+            for variant in (form, json.dumps(form)[1:-1]):
+                if variant not in self._secrets:
+                    self._secrets.append(variant)
+        # Longest first, so a secret containing another is masked whole.
+        self._secrets.sort(key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
-        text = _PASSWORD_WORD.sub(r"\1" + MASK, text)
+        # Known secrets first: the =password= pattern stops at a space or quote, so run
+        # first it would mask only the start of such a password and leave the rest.
         for secret in self._secrets:
             text = text.replace(secret, MASK)
-        return text
+        return _PASSWORD_WORD.sub(r"\1" + MASK, text)
 
 
 scrub = Scrubber()
@@ -57,8 +62,9 @@ class _JsonFormatter(JsonFormatter):
 class _TextFormatter(logging.Formatter):
     converter = __import__("time").gmtime
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # Extras join the first line, before any traceback that format() appends.
+        line = super().formatMessage(record)
         extras = {
             k: v
             for k, v in record.__dict__.items()
@@ -66,7 +72,10 @@ class _TextFormatter(logging.Formatter):
         }
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
-        return scrub(line)
+        return line
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
 
 
 _STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -97,6 +106,9 @@ def configure(
     logging.getLogger(ROOT).setLevel(level)
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+    # Both print loose tracebacks by default (a crashed thread, an error in __del__).
+    threading.excepthook = _log_thread_uncaught
+    sys.unraisablehook = _log_unraisable
     route_gevent_errors()
 
 
@@ -104,6 +116,24 @@ def _log_uncaught(
     kind: type[BaseException], value: BaseException, tb: TracebackType | None
 ) -> None:
     logging.getLogger(ROOT).critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_thread_uncaught(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # threading's own default ignores it too
+    logging.getLogger(ROOT).error(
+        "uncaught exception in thread",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        extra={"thread_name": args.thread.name if args.thread else None},
+    )
+
+
+def _log_unraisable(args: Any) -> None:
+    logging.getLogger(ROOT).error(
+        args.err_msg or "exception ignored",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        extra={"object": repr(args.object)[:200]},
+    )
 
 
 def route_gevent_errors() -> None:

@@ -95,8 +95,8 @@ class Settings:
 
         tls = parse_bool("MIKROTIK_API_TLS", get("MIKROTIK_API_TLS"), False)
         ca = get("MIKROTIK_API_TLS_CA")
-        if ca and not Path(ca).is_file():
-            raise SettingError("MIKROTIK_API_TLS_CA", f"no such file: {ca}")
+        if ca:
+            check_ca_file("MIKROTIK_API_TLS_CA", ca)
         low_port, high_port = parse_port_range("PORT_RANGE", get("PORT_RANGE") or "1024-65535")
         return cls(
             vpn_gateway=parse_gateway(get("VPN_GATEWAY")),
@@ -114,7 +114,7 @@ class Settings:
             api_tls_verify=parse_bool(
                 "MIKROTIK_API_TLS_VERIFY", get("MIKROTIK_API_TLS_VERIFY"), True
             ),
-            in_interface=get("MIKROTIK_IN_INTERFACE") or None,
+            in_interface=parse_interface(get("MIKROTIK_IN_INTERFACE")),
             port_mode=parse_choice(
                 "VPN_PORT_MODE", get("VPN_PORT_MODE") or "internal", ("internal", "external")
             ),  # type: ignore[arg-type]
@@ -203,9 +203,19 @@ def parse_level(value: str) -> str:
     return level
 
 
-def parse_port(name: str, text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise SettingError(name, f"bad port {text!r} (1-65535)")
+def parse_interface(value: str | None) -> str | None:
+    # "auto" is the default --help shows, so setting it explicitly must mean the same.
+    if not value or value.lower() == "auto":
+        return None
+    return value
+
+
+def parse_port(name: str, text: str, low: int = 1) -> int:
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses; the
+    # length check keeps int() below its 4300-digit limit (another ValueError).
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) \
+            or not low <= int(text) <= 65535:
+        raise SettingError(name, f"bad port {text!r} ({low}-65535)")
     return int(text)
 
 
@@ -232,6 +242,8 @@ def parse_endpoint(name: str, text: str, default_port: int) -> Endpoint:
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, ""
+    if ":" in host:  # an unbracketed IPv6 address: "fe80::1" is not host "fe80:", port 1
+        raise SettingError(name, "IPv6 addresses are not supported")
     if not host or any(c.isspace() for c in host):
         raise SettingError(name, f"expected host[:port], got {text!r}")
     return Endpoint(host, parse_port(name, port) if port else default_port)
@@ -242,7 +254,8 @@ def parse_listen(text: str) -> Endpoint:
     if not sep:
         raise SettingError("LISTEN_ADDR", f"expected [IP]:PORT, got {text!r}")
     address = parse_ipv4("LISTEN_ADDR", host) if host else IPv4Address("0.0.0.0")
-    return Endpoint(str(address), parse_port("LISTEN_ADDR", port))
+    # Port 0 binds an ephemeral port (tests, the lab); the daemon logs the one it got.
+    return Endpoint(str(address), parse_port("LISTEN_ADDR", port, low=0))
 
 
 def parse_networks(name: str, text: str) -> tuple[IPv4Network, ...]:
@@ -269,17 +282,36 @@ def parse_port_range(name: str, text: str) -> tuple[int, int]:
     return first, last
 
 
+def check_ca_file(name: str, path: str) -> None:
+    """A CA file that does not load fails here, as a setting, not later in the router's
+    client as a traceback."""
+    import ssl  # here, not at the top: gevent must patch ssl before its first import
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise SettingError(name, f"{path!r} holds no usable CA certificate "
+                                 f"({exc.reason or 'unreadable'})") from None
+    except OSError as exc:
+        raise SettingError(name, f"cannot read {path!r}: {exc.strerror}") from None
+    except ValueError:
+        raise SettingError(name, f"cannot read {path!r}: invalid path") from None
+
+
 def read_password(value: str | None, path: str | None) -> str:
     if value:
         return value
     if path:
         try:
             return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            why = "not UTF-8 text"  # the decoder's message would quote bytes of the file
         except OSError as exc:
-            # The error names the file, never its content.
-            raise SettingError(
-                "MIKROTIK_API_PASSWORD_FILE", f"cannot read {path}: {exc.strerror}"
-            ) from None
+            why = exc.strerror or type(exc).__name__
+        except ValueError:
+            why = "invalid path"  # a NUL byte
+        # The error names the file, never its content.
+        raise SettingError("MIKROTIK_API_PASSWORD_FILE", f"cannot read {path!r}: {why}")
     raise SettingError(
         "MIKROTIK_API_PASSWORD", "is required (or set MIKROTIK_API_PASSWORD_FILE)"
     )

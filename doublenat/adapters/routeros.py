@@ -46,7 +46,6 @@ log = logging.getLogger("doublenat.router")
 T = TypeVar("T")
 NAT = "/ip/firewall/nat"
 _PROPLIST = ".id,chain,protocol,in-interface,dst-port,to-addresses,to-ports,comment,disabled"
-_PASSWORD_WORD = re.compile(rb"=password=[^\s'\"]*|=password=\S*")
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
 
 
@@ -322,11 +321,13 @@ class RouterOsClient:
 
     def _redact(self, text: str | bytes) -> str:
         if isinstance(text, bytes):
-            text = _PASSWORD_WORD.sub(b"=password=***", text).decode("utf-8", "replace")
-        text = re.sub(r"=password=\S*", "=password=***", text)
+            text = text.decode("utf-8", "replace")
         if self._password:
-            text = text.replace(self._password, "***")
-        return text
+            # The whole secret first (raw and as bytes repr), so a password with spaces
+            # or quotes is not cut short by the word pattern below.
+            for form in (self._password, repr(self._password.encode())[2:-1]):
+                text = text.replace(form, "***")
+        return re.sub(r"=password=[^\s'\"]*", "=password=***", text)
 
 
 def _rule(row: dict[str, Any]) -> NatRule:
