@@ -3,3 +3,6 @@
 from gevent import monkey
 
 monkey.patch_all()
+
+# Lab fixtures (make_lab, lab) for every directory.
+pytest_plugins = ["tests.lab_support"]

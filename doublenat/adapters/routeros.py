@@ -306,6 +306,8 @@ class RouterOsClient:
 
     def _connect_failed(self) -> None:
         self.stats.connect_failures += 1
+        if self._clock() < self._down_until:
+            return  # concurrent attempts failing together count as one step of backoff
         self._failures += 1
         delay = min(_BACKOFF_FIRST * 2 ** (self._failures - 1), _BACKOFF_MAX)
         self._down_until = self._clock() + delay

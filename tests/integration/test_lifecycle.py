@@ -17,7 +17,7 @@ from doublenat.protocol.natpmp import (
     pack_request,
     parse_reply,
 )
-from tests.integration.conftest import MakeLab, assert_rules_match_mappings
+from tests.lab_support import MakeLab, assert_rules_match_mappings
 from tests.probe import probe
 
 

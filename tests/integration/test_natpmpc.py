@@ -6,7 +6,7 @@ import re
 import subprocess
 
 from doublenat.protocol.natpmp import Proto
-from tests.integration.conftest import MakeLab, assert_rules_match_mappings
+from tests.lab_support import MakeLab, assert_rules_match_mappings
 from tests.needs import need_program
 
 # natpmpc only talks to port 5351; this loopback address keeps clear of a running lab.
@@ -14,8 +14,9 @@ HOST = "127.0.0.5"
 
 
 def natpmpc(*args: str) -> str:
-    done = subprocess.run(["natpmpc", "-g", HOST, *args], capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        ["natpmpc", "-g", HOST, *args], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -26,12 +27,15 @@ def test_natpmpc_gets_the_public_address_and_maps(make_lab: MakeLab) -> None:
     out = natpmpc()
     assert "Public IP address : 11.22.33.44" in out
     out = natpmpc("-a", "6881", "6881", "tcp", "60")
-    assert re.search(r"Mapped public port 6881 protocol TCP to local port 6881 lif?e?time 60",
-                     out), out
+    assert re.search(
+        r"Mapped public port 6881 protocol TCP to local port 6881 lif?e?time 60", out
+    ), out
     out = natpmpc("-a", "6881", "6881", "udp", "60")
     assert "protocol UDP to local port 6881" in out
     assert {(r["protocol"], r["dst-port"], r["to-ports"]) for r in lab.rules()} == {
-        ("tcp", "6881", "6881"), ("udp", "6881", "6881")}
+        ("tcp", "6881", "6881"),
+        ("udp", "6881", "6881"),
+    }
     assert_rules_match_mappings(lab)
     natpmpc("-a", "0", "6881", "tcp", "0")
     assert [(r["protocol"]) for r in lab.rules()] == [Proto.UDP.label]

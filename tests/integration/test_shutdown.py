@@ -17,7 +17,7 @@ import pytest
 from doublenat.adapters.routeros import RouterOsClient
 from doublenat.protocol.natpmp import MapRequest, Proto, Result, pack_request
 from doublenat.settings import Endpoint
-from tests.integration.conftest import MakeLab
+from tests.lab_support import MakeLab
 from tests.probe import Probe, probe
 
 DOUBLENAT = Path(sys.executable).with_name("doublenat")
@@ -46,10 +46,22 @@ def emulators(tmp_path: Path) -> Iterator[dict[str, str]]:
     password = tmp_path / "password"
     password.write_text("lab-Secret-42\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "doublenat.lab.standalone", "--router", "127.0.0.1:0",
-         "--password-file", str(password), "--gateway", "127.0.0.1:0",
-         "--route", "127.0.0.1=wg-proton"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "doublenat.lab.standalone",
+            "--router",
+            "127.0.0.1:0",
+            "--password-file",
+            str(password),
+            "--gateway",
+            "127.0.0.1:0",
+            "--route",
+            "127.0.0.1=wg-proton",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert process.stdout is not None

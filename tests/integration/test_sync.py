@@ -12,7 +12,7 @@ from doublenat.engine.model import MappingKey, rule_comment
 from doublenat.engine.reconcile import NoInterface
 from doublenat.lab.run import VPN_INTERFACE
 from doublenat.protocol.natpmp import Proto, Result
-from tests.integration.conftest import MakeLab, assert_rules_match_mappings
+from tests.lab_support import MakeLab, assert_rules_match_mappings
 from tests.probe import probe
 
 
@@ -109,11 +109,28 @@ def test_reconciliation_restores_removes_and_follows_the_interface(make_lab: Mak
     nat = lab.router.state.nat
     tcp_rule = next(r for r in nat.rows() if r["protocol"] == "tcp")
     nat.remove(tcp_rule[".id"])  # an administrator deleted it
-    nat.add({"chain": "dstnat", "action": "dst-nat", "protocol": "tcp",
-             "dst-port": "1", "to-addresses": "127.0.0.9", "to-ports": "1",
-             "comment": "double-natpmp-something-unreadable"})
-    nat.add({"chain": "dstnat", "action": "dst-nat", "protocol": "tcp", "dst-port": "80",
-             "to-addresses": "192.168.88.5", "to-ports": "80", "comment": "web server"})
+    nat.add(
+        {
+            "chain": "dstnat",
+            "action": "dst-nat",
+            "protocol": "tcp",
+            "dst-port": "1",
+            "to-addresses": "127.0.0.9",
+            "to-ports": "1",
+            "comment": "double-natpmp-something-unreadable",
+        }
+    )
+    nat.add(
+        {
+            "chain": "dstnat",
+            "action": "dst-nat",
+            "protocol": "tcp",
+            "dst-port": "80",
+            "to-addresses": "192.168.88.5",
+            "to-ports": "80",
+            "comment": "web server",
+        }
+    )
     lab.router.state.interfaces.add("wg-backup")
     lab.router.state.routes.set(f"{lab.gateway.address[0]}/32", interface="wg-backup")
     report = lab.daemon.reconciler.run_once()

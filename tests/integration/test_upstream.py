@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 
 import gevent
@@ -14,7 +14,7 @@ from doublenat.engine.contracts import GatewayError
 from doublenat.lab.gateway import GatewayEmulator, RequestKind
 from doublenat.protocol.natpmp import Proto, Result
 from doublenat.settings import Endpoint
-from tests.integration.conftest import MakeLab
+from tests.lab_support import MakeLab
 from tests.probe import probe
 
 
@@ -70,7 +70,9 @@ def test_gives_up_within_its_budget(gateway: GatewayEmulator, client: NatPmpClie
     ],
     ids=["short", "long", "internal-port", "version", "opcode"],
 )
-def test_invalid_replies_are_ignored(gateway: GatewayEmulator, client: NatPmpClient, mangle) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_replies_are_ignored(
+    gateway: GatewayEmulator, client: NatPmpClient, mangle: Callable[[bytes], bytes]
+) -> None:
     gateway.mangle = mangle
     with pytest.raises(GatewayError):
         client.map(Proto.TCP, 40004, 0, 60)

@@ -1,4 +1,5 @@
-"""A lab per test: the emulated router and gateway on loopback, the real daemon."""
+"""Lab fixtures: the emulated router and gateway on loopback and the real daemon, one lab
+per test; and the invariant every scenario ends with."""
 
 from __future__ import annotations
 
