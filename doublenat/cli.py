@@ -146,8 +146,10 @@ def serve(**values: str | None) -> None:
 
 def _register_extra_commands() -> None:
     from doublenat.lab.command import lab
+    from doublenat.tools.commands import register
 
     cli.add_command(lab)
+    register(cli)
 
 
 def main() -> None:

@@ -1,0 +1,115 @@
+"""Fixtures for the operator tools: emulated router and gateway, the CLI, its environment."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from doublenat.cli import SETTINGS, cli
+from doublenat.lab.gateway import GatewayEmulator
+from doublenat.lab.routeros import RouterOsEmulator
+from doublenat.tools.commands import register
+
+USER = "doublenat"
+PASSWORD = "Pw-0f-The-Router-7c1"  # distinctive, so a leak is found by a substring search
+VPN_INTERFACE = "wg-proton"
+
+register(cli)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def router() -> Iterator[RouterOsEmulator]:
+    emu = RouterOsEmulator("127.0.0.1", 0, users={USER: PASSWORD}).start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+@pytest.fixture
+def gateway() -> Iterator[GatewayEmulator]:
+    gw = GatewayEmulator("127.0.0.1", 0, profile="rfc", janitor_interval=None)
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def env(router: RouterOsEmulator, gateway: GatewayEmulator) -> dict[str, str]:
+    """The settings `serve` would run with, pointing at the emulators; the router routes
+    the gateway through the VPN interface, as a connected tunnel does."""
+    gateway_host, gateway_port = gateway.address
+    router_host, router_port = router.address
+    router.state.routes.set(f"{gateway_host}/32", interface=VPN_INTERFACE, nexthop=gateway_host)
+    return {
+        "VPN_GATEWAY": f"{gateway_host}:{gateway_port}",
+        "MIKROTIK_API_ADDRESS": f"{router_host}:{router_port}",
+        "MIKROTIK_API_USER": USER,
+        "MIKROTIK_API_PASSWORD": PASSWORD,
+        "LISTEN_ADDR": f"127.0.0.1:{free_udp_port()}",
+        "UPSTREAM_TIMEOUT": "0.4",
+        "ROUTER_TIMEOUT": "2",
+    }
+
+
+Invoke = Callable[..., Result]
+
+
+@pytest.fixture
+def invoke() -> Invoke:
+    """invoke(args, env) -> click Result; the environment is exactly `env` for our settings."""
+
+    def _invoke(args: list[str], env: dict[str, str]) -> Result:
+        # Unset every setting the test does not give, whatever the outer environment holds.
+        full: dict[str, str | None] = {var.env: None for var in SETTINGS}
+        full.update(env)
+        return CliRunner().invoke(cli, args, env=full, catch_exceptions=False)
+
+    return _invoke
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 it signed, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tools-ca")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=doublenat tools test CA")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+@pytest.fixture
+def tls_router(tls_files: dict[str, Path]) -> Iterator[RouterOsEmulator]:
+    """An emulated router serving api-ssl with the test CA's certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_files["cert"], tls_files["key"])
+    emu = RouterOsEmulator("127.0.0.1", 0, users={USER: PASSWORD}, ssl_context=context).start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
