@@ -405,7 +405,7 @@ class Mapper:
         if removed:
             self.ports.release_router(key.proto, lease.router_port, key.client)
         self.counters[event.split(".")[1]] += 1
-        self._event(logging.INFO, event, key, lease=lease, result=Result.SUCCESS)
+        self._event(logging.INFO, event, key, lease=lease, lifetime=0, result=Result.SUCCESS)
 
     def _drop_candidate(self, candidate: Candidate, event: str) -> None:
         owned = candidate.owned
@@ -594,6 +594,8 @@ class Mapper:
 
     def _event(self, level: int, event: str, key: MappingKey, lease: Lease | None = None,
                **fields: object) -> None:
+        """One record per mapping event, always with the same fields (None when unknown),
+        so a log aggregator can graph and filter them without parsing messages."""
         if not log.isEnabledFor(level):
             return
         record: dict[str, object] = {
@@ -601,6 +603,13 @@ class Mapper:
             "client": str(key.client),
             "protocol": key.proto.label,
             "internal_port": key.internal_port,
+            "router_port": None,
+            "upstream_port": None,
+            "external_port": None,
+            "rule_id": None,
+            "interface": None,
+            "lifetime": None,
+            "result": None,
         }
         if lease is not None:
             record.update(router_port=lease.router_port, upstream_port=lease.upstream_port,
