@@ -33,6 +33,8 @@ from doublenat.settings import Endpoint
 log = logging.getLogger("doublenat.upstream")
 
 _FIRST_WAIT = 0.25
+# RFC 6886 3.4 lets deletes be retried fewer times: 0, 0.25 and 0.75 s, then give up.
+_DELETE_BUDGET = 1.0
 
 
 class NatPmpClient:
@@ -72,7 +74,7 @@ class NatPmpClient:
     # --------------------------------------------------------------- contract
 
     def public_address(self) -> AddressAnswer:
-        reply = self._exchange(RESPONSE_BIT, pack_request(AddressRequest()))
+        reply = self._exchange(RESPONSE_BIT, pack_request(AddressRequest()), self.budget)
         assert isinstance(reply, AddressReply)
         return AddressAnswer(reply.result, reply.address, reply.epoch)
 
@@ -80,20 +82,23 @@ class NatPmpClient:
         self, proto: Proto, internal_port: int, suggested_port: int, lifetime: int
     ) -> MapAnswer:
         request = MapRequest(proto, internal_port, suggested_port, lifetime)
-        reply = self._exchange((RESPONSE_BIT | proto, internal_port), pack_request(request))
+        budget = self.budget if lifetime else min(self.budget, _DELETE_BUDGET)
+        reply = self._exchange(
+            (RESPONSE_BIT | proto, internal_port), pack_request(request), budget
+        )
         assert isinstance(reply, MapReply)
         return MapAnswer(reply.result, reply.external_port, reply.lifetime, reply.epoch)
 
     # -------------------------------------------------------------- internals
 
-    def _exchange(self, key: Hashable, packet: bytes) -> AddressReply | MapReply:
+    def _exchange(self, key: Hashable, packet: bytes, budget: float) -> AddressReply | MapReply:
         if self._socket is None:
             raise GatewayError("upstream client is not started")
         with self._serial.hold(key):
             waiter = AsyncResult()
             self._waiting[key] = waiter
             started = self._clock()
-            deadline = started + self.budget
+            deadline = started + budget
             wait = _FIRST_WAIT
             try:
                 while (left := deadline - self._clock()) > 0:
@@ -110,7 +115,7 @@ class NatPmpClient:
                 self._waiting.pop(key, None)
             self.timeouts += 1
             raise GatewayError(
-                f"no valid answer from VPN_GATEWAY {self.gateway} within {self.budget:g} s"
+                f"no valid answer from VPN_GATEWAY {self.gateway} within {budget:g} s"
             )
 
     def _send(self, packet: bytes) -> None:

@@ -55,6 +55,8 @@ PortMode = Literal["internal", "external"]
 # A renewal this soon after the last upstream refresh is answered from the lease.
 _FRESH_FRACTION = 1 / 8
 _FRESH_MAX = 30.0
+# Upstream deletes sent at once during shutdown (UDP: cheap to have many in flight).
+_SHUTDOWN_UPSTREAM_PARALLEL = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +124,6 @@ class Mapper:
         self.garbage: dict[str, tuple[MappingKey, int]] = {}
         self.interface: str | None = None
         self.router_ready = False  # a port view and an interface have been loaded
-        self.write_seq = 0
         self._alloc = BoundedSemaphore(1)
         self._locks: KeyedLocks[MappingKey] = KeyedLocks()
         self._joiner: Joiner[tuple[object, ...], Outcome] = Joiner()
@@ -317,7 +318,6 @@ class Mapper:
         if to_port != lease.to_port:
             changes["to_ports"] = str(to_port)
         try:
-            self.write_seq += 1
             self.router.update_rule(lease.rule_id, **changes)
         except RouterError as exc:
             if router_port != lease.router_port:
@@ -327,8 +327,7 @@ class Mapper:
             return None
         if router_port != lease.router_port:
             self.ports.release_router(key.proto, lease.router_port, key.client)
-        moved = replace(lease, router_port=router_port, to_port=to_port,
-                        rule_written_at=self.write_seq)
+        moved = replace(lease, router_port=router_port, to_port=to_port)
         self._event(logging.INFO, "mapping.moved", key, lease=moved, result=Result.SUCCESS)
         return moved
 
@@ -358,7 +357,6 @@ class Mapper:
             upstream_expires_at=now,
             upstream_renewed_at=now,
             generation=self.upstream.generation,
-            rule_written_at=self.write_seq,
         )
         del self.candidates[key]
         self.leases[key] = lease
@@ -371,16 +369,22 @@ class Mapper:
 
     # ---------------------------------------------------------------- delete
 
-    def delete(self, key: MappingKey, event: str = "mapping.deleted") -> Outcome:
-        """Remove a mapping (idempotent: nothing to delete is success)."""
+    def delete(
+        self,
+        key: MappingKey,
+        event: str = "mapping.deleted",
+        upstream_later: list[tuple[Proto, int, MappingKey]] | None = None,
+    ) -> Outcome:
+        """Remove a mapping (idempotent: nothing to delete is success). With
+        `upstream_later`, the upstream delete is queued there instead of sent."""
         with self._locks.hold(key):
             lease = self.leases.get(key)
             if lease is not None:
-                self._teardown(lease, event)
+                self._teardown(lease, event, upstream_later)
                 return _DONE
             candidate = self.candidates.pop(key, None)
             if candidate is not None:
-                self._drop_candidate(candidate, event)
+                self._drop_candidate(candidate, event, upstream_later)
         return _DONE
 
     def delete_all(self, client: IPv4Address, proto: Proto) -> Outcome:
@@ -391,7 +395,12 @@ class Mapper:
         self._in_parallel(self.delete, keys)
         return _DONE
 
-    def _teardown(self, lease: Lease, event: str) -> None:
+    def _teardown(
+        self,
+        lease: Lease,
+        event: str,
+        upstream_later: list[tuple[Proto, int, MappingKey]] | None = None,
+    ) -> None:
         key = lease.key
         del self.leases[key]
         client_keys = self.by_client.get(key.client)
@@ -400,18 +409,23 @@ class Mapper:
             if not client_keys:
                 del self.by_client[key.client]
         removed = self._drop_rule(lease.rule_id, key, lease.router_port)
-        self._forget_upstream(key.proto, lease.upstream_port, key)
+        self._forget_upstream_now_or_later(key.proto, lease.upstream_port, key, upstream_later)
         self.ports.release_upstream(key.proto, lease.upstream_port, key.client)
         if removed:
             self.ports.release_router(key.proto, lease.router_port, key.client)
         self.counters[event.split(".")[1]] += 1
         self._event(logging.INFO, event, key, lease=lease, lifetime=0, result=Result.SUCCESS)
 
-    def _drop_candidate(self, candidate: Candidate, event: str) -> None:
+    def _drop_candidate(
+        self,
+        candidate: Candidate,
+        event: str,
+        upstream_later: list[tuple[Proto, int, MappingKey]] | None = None,
+    ) -> None:
         owned = candidate.owned
         key = owned.key
         removed = self._drop_rule(owned.rule.rule_id, key, owned.router_port or 0)
-        self._forget_upstream(key.proto, owned.upstream_port, key)
+        self._forget_upstream_now_or_later(key.proto, owned.upstream_port, key, upstream_later)
         self.ports.release_upstream(key.proto, owned.upstream_port, key.client)
         if removed and owned.router_port is not None:
             self.ports.release_router(key.proto, owned.router_port, key.client)
@@ -454,11 +468,18 @@ class Mapper:
     # -------------------------------------------------------------- shutdown
 
     def close_all(self) -> int:
-        """Remove every rule and upstream mapping doublenat holds (graceful shutdown)."""
+        """Remove every rule and upstream mapping doublenat holds (graceful shutdown).
+
+        Rules first, over the router pool; then the upstream deletes, many at a time,
+        so a silent gateway cannot hold the router cleanup back.
+        """
         keys = list(self.leases) + [k for k in self.candidates if k not in self.leases]
-        self._in_parallel(lambda k: self.delete(k, "mapping.closed"), keys)
+        upstream: list[tuple[Proto, int, MappingKey]] = []
+        self._in_parallel(lambda k: self.delete(k, "mapping.closed", upstream), keys)
         for rule_id in list(self.garbage):
             self.remove_garbage(rule_id)
+        if upstream:
+            Pool(_SHUTDOWN_UPSTREAM_PARALLEL).map(lambda u: self._forget_upstream(*u), upstream)
         return len(keys)
 
     # ---------------------------------------------------- reconciliation hooks
@@ -467,7 +488,6 @@ class Mapper:
         if rule_id not in self.garbage:
             return True
         try:
-            self.write_seq += 1
             self.router.remove_rule(rule_id)
         except NoSuchItem:
             pass
@@ -517,7 +537,6 @@ class Mapper:
             upstream_expires_at=now + answer.lifetime,
             upstream_renewed_at=now,
             generation=self.upstream.generation,
-            rule_written_at=self.write_seq,
         )
         self.leases[key] = lease
         self.by_client[key.client].add(key)
@@ -526,7 +545,6 @@ class Mapper:
         return Outcome(Result.SUCCESS, answer.external_port, answer.lifetime)
 
     def _add_rule(self, spec: RuleSpec, key: MappingKey) -> str | None:
-        self.write_seq += 1
         try:
             return self.router.add_rule(spec)
         except RouterTrap as exc:
@@ -543,7 +561,6 @@ class Mapper:
         return None
 
     def _drop_rule(self, rule_id: str, key: MappingKey, router_port: int) -> bool:
-        self.write_seq += 1
         try:
             self.router.remove_rule(rule_id)
             return True
@@ -576,6 +593,18 @@ class Mapper:
                         reason=str(exc))
             return
         self.upstream.saw_epoch(answer.epoch)
+
+    def _forget_upstream_now_or_later(
+        self,
+        proto: Proto,
+        port: int,
+        key: MappingKey,
+        later: list[tuple[Proto, int, MappingKey]] | None,
+    ) -> None:
+        if later is None:
+            self._forget_upstream(proto, port, key)
+        else:
+            later.append((proto, port, key))
 
     def _release(self, key: MappingKey, upstream_port: int, router_port: int | None) -> None:
         self.ports.release_upstream(key.proto, upstream_port, key.client)

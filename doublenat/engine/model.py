@@ -41,7 +41,6 @@ class Lease:
     upstream_expires_at: float
     upstream_renewed_at: float
     generation: int  # the upstream state generation this lease was last confirmed in
-    rule_written_at: int  # router write sequence number of the rule's last write
 
     @property
     def comment(self) -> str:

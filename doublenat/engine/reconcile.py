@@ -214,7 +214,6 @@ class Reconciler:
 
     def _remove_now(self, rule: NatRule, why: str) -> int:
         try:
-            self.mapper.write_seq += 1
             self.router.remove_rule(rule.rule_id)
         except RouterError as exc:
             log.warning("could not remove a stray rule", extra={
@@ -237,7 +236,6 @@ class Reconciler:
                 # Confirm under the lock: a rule written after the listing is not missing.
                 if self.router.find_rules(lease.comment):
                     return 0
-                mapper.write_seq += 1
                 rule_id = self.router.add_rule(lease.rule_spec())
             except RouterError as exc:
                 log.warning("could not restore a missing rule", extra={
@@ -259,7 +257,6 @@ class Reconciler:
             if lease is None or lease.interface == interface:
                 return 0
             try:
-                mapper.write_seq += 1
                 self.router.update_rule(lease.rule_id, in_interface=interface)
             except RouterTrap as exc:
                 log.warning("could not move a rule to the new interface", extra={

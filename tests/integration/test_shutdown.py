@@ -131,3 +131,15 @@ def test_sigterm_removes_every_rule_and_exits_zero(
     stopped = [r for r in records if r.get("event") == "daemon.stopped"]
     assert stopped and stopped[0]["left_behind"] == 0 and stopped[0]["mappings_closed"] == 3
     assert emulators["password"] not in log.read_text()
+
+
+def test_a_silent_gateway_does_not_hold_back_the_rule_cleanup(make_lab: MakeLab) -> None:
+    lab = make_lab()
+    with probe(lab.daemon.address) as client:
+        for port in range(8000, 8040):
+            assert client.udp(port, port).result == Result.SUCCESS
+    lab.gateway.silence()  # upstream deletes will all go unanswered
+    report = lab.daemon.stop()
+    assert lab.rules() == [] and report.left == 0 and report.removed == 40
+    # rules come off first; the 40 upstream deletes then give up together, not in turn
+    assert report.seconds < float(lab.environment()["SHUTDOWN_TIMEOUT"])
