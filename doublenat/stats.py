@@ -43,7 +43,7 @@ def collect(daemon: Daemon) -> dict[str, Any]:
         out.update(
             router_calls=router_stats.calls,
             router_connects=router_stats.connects,
-            router_reconnects=max(0, router_stats.connects - getattr(daemon.router, "size", 0)),
+            router_reconnects=router_stats.reconnects,
             router_connect_failures=router_stats.connect_failures,
             router_retries=router_stats.retries,
             router_traps=router_stats.traps,

@@ -4,8 +4,9 @@ routeros-api is one blocking request/response stream per connection with no lock
 - four connections sit in a gevent queue and each is used by one greenlet at a time;
 - every call has a deadline; a transport error, timeout, `!fatal` or malformed reply
   discards the connection (the next use reconnects), a `!trap` does not;
-- `TCP_NODELAY` is set after each connect (the library writes word by word: without it
-  every command waits ~40 ms on delayed ACKs);
+- `TCP_NODELAY` is set after each connect, and the library's socket wrapper is made to
+  write a whole sentence at once and to read from a buffer (it writes word by word and
+  reads a byte or a word per `recv`: ten segments and a router wake-up per command);
 - a connection that turns out dead after sitting in the pool does not cost the caller:
   a read is retried once on a fresh connection; a write first checks, by the rule's
   comment, whether it already took effect;
@@ -28,7 +29,11 @@ from typing import Any, TypeVar
 import gevent
 import routeros_api
 from gevent.queue import Empty, LifoQueue
-from routeros_api.exceptions import RouterOsApiCommunicationError, RouterOsApiError
+from routeros_api.exceptions import (
+    RouterOsApiCommunicationError,
+    RouterOsApiConnectionClosedError,
+    RouterOsApiError,
+)
 
 from doublenat.engine.contracts import (
     Clock,
@@ -47,6 +52,8 @@ T = TypeVar("T")
 NAT = "/ip/firewall/nat"
 _PROPLIST = ".id,chain,protocol,in-interface,dst-port,to-addresses,to-ports,comment,disabled"
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
+_END_OF_SENTENCE = b"\x00"  # the empty word, as routeros-api writes it
+_READ_SIZE = 65536
 
 
 class _Deadline(Exception):
@@ -58,6 +65,7 @@ class _Connection:
     api_pool: routeros_api.RouterOsApiPool | None = None
     api: Any = None
     calls: int = 0  # successful calls on the current TCP connection
+    ever_connected: bool = False  # so a new connection in this slot is a reconnect
 
     def discard(self) -> None:
         if self.api_pool is not None:
@@ -69,6 +77,7 @@ class _Connection:
 @dataclass
 class RouterStats:
     connects: int = 0
+    reconnects: int = 0
     connect_failures: int = 0
     discarded: int = 0
     calls: int = 0
@@ -297,8 +306,12 @@ class RouterOsClient:
         raw = getattr(api_pool.socket, "socket", None)
         if raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _SentenceIO(api_pool.socket, raw)
         connection.api_pool, connection.api, connection.calls = api_pool, api, 0
         self.stats.connects += 1
+        if connection.ever_connected:
+            self.stats.reconnects += 1
+        connection.ever_connected = True
         if self._failures:
             log.info("router reachable again", extra={"event": "router.reconnected",
                                                       "router": str(self.address)})
@@ -330,6 +343,49 @@ class RouterOsClient:
             for form in (self._password, repr(self._password.encode())[2:-1]):
                 text = text.replace(form, "***")
         return re.sub(r"=password=[^\s'\"]*", "=password=***", text)
+
+
+class _SentenceIO:
+    """One write per sentence and buffered reads, on one connection's socket wrapper.
+
+    routeros-api calls `wrapper.send` once per word (the length prefix and the word) and
+    `wrapper.receive(n)` for every length byte and every word. Here words are collected
+    until the empty word that ends every sentence and go out in one `sendall`; reads are
+    served from the last `recv` (up to 64 KiB), refilled when used up. Behaviour is
+    otherwise the library's: a closed connection raises its ConnectionClosed error, a
+    timeout or socket error propagates. A call that fails half-way leaves the connection
+    out of step, and `_call` discards it, these buffers with it.
+    """
+
+    __slots__ = ("_data", "_pending", "_pos", "_sendall", "_sock")
+
+    def __init__(self, wrapper: Any, sock: socket.socket) -> None:
+        self._sock = sock
+        self._sendall = sock.sendall
+        self._pending: list[bytes] = []
+        self._data = b""
+        self._pos = 0
+        wrapper.send = self.send
+        wrapper.receive = self.receive
+
+    def send(self, word: bytes) -> None:
+        pending = self._pending
+        pending.append(word)
+        if word == _END_OF_SENTENCE:
+            payload = b"".join(pending)
+            pending.clear()
+            self._sendall(payload)
+
+    def receive(self, length: int) -> bytes:
+        data, pos = self._data, self._pos
+        if pos >= len(data):
+            data = self._sock.recv(_READ_SIZE)
+            if not data:
+                raise RouterOsApiConnectionClosedError
+            self._data, pos = data, 0
+        chunk = data[pos:pos + length]
+        self._pos = pos + len(chunk)
+        return chunk
 
 
 def _rule(row: dict[str, Any]) -> NatRule:

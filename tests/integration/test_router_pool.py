@@ -156,3 +156,12 @@ def test_route_check_and_identity(router: RouterOsEmulator) -> None:
     checks = router.sent("/ip/route/check")
     assert len(checks) == 2
     assert all("=once" in c.words or "=once=" in c.words for c in checks)
+
+
+def test_reconnects_are_counted(router: RouterOsEmulator) -> None:
+    client = client_for(router)
+    client.list_rules()
+    assert (client.stats.connects, client.stats.reconnects) == (1, 0)
+    router.drop_all_connections()
+    client.list_rules()
+    assert (client.stats.connects, client.stats.reconnects) == (2, 1)
