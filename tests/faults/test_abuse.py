@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
-import pytest
 
 from doublenat.protocol.natpmp import AddressRequest, MapRequest, Proto, Result, pack_request
-from tests.lab_support import MakeLab, assert_rules_match_mappings
+from tests.lab_support import MakeLab, assert_rules_match_mappings, listening_port, serve
 from tests.probe import Probe, probe
 
 FLOODER = textwrap.dedent(
@@ -41,36 +38,6 @@ FLOODER = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def emulators(tmp_path: Path) -> Iterator[dict[str, str]]:
-    password = tmp_path / "password"
-    password.write_text("abuse-Secret\n")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "doublenat.lab.standalone",
-            "--router",
-            "127.0.0.1:0",
-            "--password-file",
-            str(password),
-            "--gateway",
-            "127.0.0.1:0",
-            "--route",
-            "127.0.0.1=wg-proton",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        yield {**json.loads(process.stdout.readline()), "password": "abuse-Secret"}
-    finally:
-        process.terminate()
-        process.wait(5)
-
-
 def opcode0_latencies(clients: list[Probe], count: int) -> list[float]:
     """Round-robin over several sources, each well inside its own rate limit."""
     samples = []
@@ -92,24 +59,10 @@ def test_a_flooding_client_does_not_starve_the_others(
     """10,000 requests/s from one source; another client's p99 stays close to unloaded.
 
     The figures are printed; the assertion is deliberately loose (bench/ measures it)."""
-    port = 0
     log = tmp_path / "serve.log"
-    env = {
-        **os.environ,
-        "VPN_GATEWAY": emulators["gateway"],
-        "MIKROTIK_API_ADDRESS": emulators["router"],
-        "MIKROTIK_API_USER": "doublenat",
-        "MIKROTIK_API_PASSWORD": emulators["password"],
-        "LISTEN_ADDR": "127.0.0.1:0",
-        "ALLOWED_CLIENTS": "127.0.0.0/8",
-        "LOG_LEVEL": "INFO",
-    }
-    with log.open("w") as out:
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).with_name("doublenat")), "serve"], env=env, stderr=out
-        )
+    daemon = serve(emulators, log, LOG_LEVEL="INFO")
     try:
-        port = _bound_port(daemon.pid)
+        port = listening_port(log)
         quiet_clients = [Probe(("127.0.0.1", port), f"127.0.3.{i}") for i in range(1, 9)]
         loaded_clients = [Probe(("127.0.0.1", port), f"127.0.4.{i}") for i in range(1, 9)]
         try:
@@ -141,31 +94,6 @@ def test_a_flooding_client_does_not_starve_the_others(
     final = next(r for r in stats if r.get("event") == "stats.final")
     assert final.get("requests_rate_limited", 0) > 30000
     assert final.get("mappings_created", 0) <= 64 + 1
-
-
-def _bound_port(pid: int, timeout: float = 10.0) -> int:
-    """The UDP port a process listens on, from /proc (LISTEN_ADDR was port 0)."""
-    inodes_dir = Path(f"/proc/{pid}/fd")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        inodes = set()
-        for fd in inodes_dir.iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-        for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
-            fields = line.split()
-            local, inode = fields[1], fields[9]
-            if inode in inodes and local.startswith("0100007F:"):
-                candidate = int(local.split(":")[1], 16)
-                with probe(("127.0.0.1", candidate), "127.0.0.3") as check:
-                    if check.raw(pack_request(AddressRequest()), 0.3) is not None:
-                        return candidate
-        time.sleep(0.1)
-    raise AssertionError("doublenat did not start listening")
 
 
 def test_a_full_handler_pool_loses_nothing_and_recovers(make_lab: MakeLab) -> None:

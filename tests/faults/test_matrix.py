@@ -4,24 +4,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import gevent
 import pytest
 
-from doublenat.adapters.routeros import RouterOsClient
 from doublenat.engine.model import parse_owned
 from doublenat.lab.gateway import RequestKind
 from doublenat.lab.run import Lab
 from doublenat.protocol.natpmp import MapReply, MapRequest, Proto, Result
-from doublenat.settings import Endpoint
-from tests.lab_support import MakeLab, assert_rules_match_mappings
+from tests.lab_support import MakeLab, assert_rules_match_mappings, router_client, serve
 from tests.probe import Probe, probe
 
 _fresh_port = iter(range(20000, 30000))
@@ -209,53 +204,6 @@ def test_two_clients_asking_for_the_same_port_at_once(lab: Lab) -> None:
 # -------------------------------------------------------------- process faults
 
 
-@pytest.fixture
-def emulators(tmp_path: Path) -> Iterator[dict[str, str]]:
-    password = tmp_path / "password"
-    password.write_text("matrix-Secret\n")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "doublenat.lab.standalone",
-            "--router",
-            "127.0.0.1:0",
-            "--password-file",
-            str(password),
-            "--gateway",
-            "127.0.0.1:0",
-            "--route",
-            "127.0.0.1=wg-proton",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        addresses = json.loads(process.stdout.readline())
-        yield {**addresses, "password": "matrix-Secret"}
-    finally:
-        process.terminate()
-        process.wait(5)
-
-
-def serve(emulators: dict[str, str], log: Path, port: int) -> subprocess.Popen:  # type: ignore[type-arg]
-    env = {
-        **os.environ,
-        "VPN_GATEWAY": emulators["gateway"],
-        "MIKROTIK_API_ADDRESS": emulators["router"],
-        "MIKROTIK_API_USER": "doublenat",
-        "MIKROTIK_API_PASSWORD": emulators["password"],
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "ALLOWED_CLIENTS": "127.0.0.0/8",
-    }
-    with log.open("a") as out:
-        return subprocess.Popen(
-            [str(Path(sys.executable).with_name("doublenat")), "serve"], env=env, stderr=out
-        )
-
-
 def free_udp_port() -> int:
     import socket
 
@@ -279,9 +227,8 @@ def test_sigkill_then_restart_adopts_every_forward(
     emulators: dict[str, str], tmp_path: Path
 ) -> None:
     log, port = tmp_path / "serve.log", free_udp_port()
-    host, api_port = emulators["router"].rsplit(":", 1)
-    router = RouterOsClient(Endpoint(host, int(api_port)), "doublenat", emulators["password"])
-    first = serve(emulators, log, port)
+    router = router_client(emulators)
+    first = serve(emulators, log, f"127.0.0.1:{port}")
     try:
         client = Probe(("127.0.0.1", port))
         granted = {p: map_until_ready(client, Proto.TCP, p) for p in (6881, 6882, 6883)}
@@ -289,7 +236,7 @@ def test_sigkill_then_restart_adopts_every_forward(
         assert len(before) == 3
         first.send_signal(signal.SIGKILL)  # no cleanup at all
         first.wait(5)
-        second = serve(emulators, log, port)
+        second = serve(emulators, log, f"127.0.0.1:{port}")
         try:
             for internal, external in granted.items():  # the clients renew as usual
                 assert map_until_ready(client, Proto.TCP, internal) == external

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
-import pytest
 
-from doublenat.adapters.routeros import RouterOsClient
 from doublenat.protocol.natpmp import MapRequest, Proto, Result, pack_request
-from doublenat.settings import Endpoint
-from tests.lab_support import MakeLab
+from tests.lab_support import MakeLab, listening_port, router_client, serve
 from tests.probe import Probe, probe
-
-DOUBLENAT = Path(sys.executable).with_name("doublenat")
 
 
 def test_stop_finishes_in_flight_work_then_removes_everything(make_lab: MakeLab) -> None:
@@ -41,70 +32,11 @@ def test_stop_finishes_in_flight_work_then_removes_everything(make_lab: MakeLab)
     assert lab.gateway.mappings() == []
 
 
-@pytest.fixture
-def emulators(tmp_path: Path) -> Iterator[dict[str, str]]:
-    password = tmp_path / "password"
-    password.write_text("lab-Secret-42\n")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "doublenat.lab.standalone",
-            "--router",
-            "127.0.0.1:0",
-            "--password-file",
-            str(password),
-            "--gateway",
-            "127.0.0.1:0",
-            "--route",
-            "127.0.0.1=wg-proton",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        addresses = json.loads(process.stdout.readline())
-        addresses["password"] = "lab-Secret-42"
-        yield addresses
-    finally:
-        process.terminate()
-        process.wait(5)
-
-
-def start_serve(emulators: dict[str, str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:  # type: ignore[type-arg]
-    log = tmp_path / "serve.log"
-    env = {
-        **os.environ,
-        "VPN_GATEWAY": emulators["gateway"],
-        "MIKROTIK_API_ADDRESS": emulators["router"],
-        "MIKROTIK_API_USER": "doublenat",
-        "MIKROTIK_API_PASSWORD": emulators["password"],
-        "LISTEN_ADDR": "127.0.0.1:0",
-        "ALLOWED_CLIENTS": "127.0.0.0/8",
-        "LOG_LEVEL": "DEBUG",
-    }
-    with log.open("w") as out:
-        process = subprocess.Popen([str(DOUBLENAT), "serve"], env=env, stderr=out)
-    return process, log
-
-
-def listening_port(log: Path, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("event") == "daemon.started":
-                return int(record["listen"].rsplit(":", 1)[1])
-        time.sleep(0.05)
-    raise AssertionError(f"doublenat did not start:\n{log.read_text()}")
-
-
 def test_sigterm_removes_every_rule_and_exits_zero(
     emulators: dict[str, str], tmp_path: Path
 ) -> None:
-    process, log = start_serve(emulators, tmp_path)
+    log = tmp_path / "serve.log"
+    process = serve(emulators, log, LOG_LEVEL="DEBUG")
     try:
         port = listening_port(log)
         client = Probe(("127.0.0.1", port))
@@ -115,8 +47,7 @@ def test_sigterm_removes_every_rule_and_exits_zero(
         assert client.udp(6881, 6881).result == Result.SUCCESS
         assert client.tcp(51413, 0).result == Result.SUCCESS
         client.close()
-        host, api_port = emulators["router"].rsplit(":", 1)
-        router = RouterOsClient(Endpoint(host, int(api_port)), "doublenat", emulators["password"])
+        router = router_client(emulators)
         assert len([r for r in router.list_rules() if r.comment.startswith("double-natpmp-")]) == 3
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
