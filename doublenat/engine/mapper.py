@@ -87,6 +87,7 @@ class Candidate:
     seen_at: float
 
 
+_OTHER = {Proto.UDP: Proto.TCP, Proto.TCP: Proto.UDP}
 _FAILED = Outcome(Result.NETWORK_FAILURE)
 _NO_PORT = Outcome(Result.OUT_OF_RESOURCES)
 _DONE = Outcome(Result.SUCCESS)
@@ -174,7 +175,16 @@ class Mapper:
             return _FAILED
         internal_mode = self.config.port_mode == "internal"
         router_first = internal_mode and key.internal_port != 0
+        # The same client's mapping of the other protocol (gluetun and Proton's loop map
+        # UDP then TCP): share its ports, so both protocols get one external port.
+        companion = self.leases.get(MappingKey(client, _OTHER[proto], key.internal_port))
+        if companion is not None:
+            suggested = companion.external_port
+        elif not self.ports.in_range(suggested):
+            suggested = 0  # e.g. Proton's "1": a hint nobody can honour, not worth a search
         preferred = [p for p in (suggested, key.internal_port) if p]
+        if companion is not None:
+            preferred.insert(0, companion.upstream_port)
         with self._alloc:
             port = self.ports.allocate(client, proto, preferred, router=internal_mode)
         if port is None:

@@ -6,6 +6,12 @@
 
 Once both listen it prints one JSON line with their addresses on stdout and keeps
 running until SIGTERM or SIGINT.
+
+Inside a network namespace the emulators can also move packets (doublenat.lab.nft):
+
+    --nat-rule 'chain=srcnat action=masquerade out-interface=wg-proton'  (seeds a rule)
+    --nft-router wg-proton=tun,bridge=lan   the router's NAT table applied to nftables
+    --nft-gateway wan                       the gateway's mappings forwarded from `wan`
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from gevent import monkey
 monkey.patch_all()
 
 import json
+import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -25,7 +33,14 @@ from gevent.event import Event
 
 from doublenat import logs
 from doublenat.lab.gateway import GatewayEmulator
-from doublenat.lab.routeros import RouterOsEmulator
+from doublenat.lab.nft import (
+    DEFAULT_TABLE,
+    GatewayNatMirror,
+    NftError,
+    RouterNatMirror,
+    parse_interface_map,
+)
+from doublenat.lab.routeros import RouterError, RouterOsEmulator
 
 
 def _endpoint(text: str) -> tuple[str, int]:
@@ -50,12 +65,39 @@ def _endpoint(text: str) -> tuple[str, int]:
               show_default=True)
 @click.option("--public-address", default="11.22.33.44", show_default=True)
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json")
+@click.option("--nat-rule", "nat_rules", multiple=True, metavar="'PROP=VALUE ...'",
+              help="Seed the router's /ip/firewall/nat with this rule (RouterOS words, "
+                   "shell-quoted values allowed), in order.")
+@click.option("--nft-router", "nft_router", default=None, metavar="NAME=LINK,...",
+              help="Apply the router's NAT table to nftables in this namespace, mapping "
+                   "RouterOS interface names to real links.")
+@click.option("--nft-gateway", "nft_gateway", default=None, metavar="LINK",
+              help="Forward the gateway's mappings from LINK with nftables (DNAT to the "
+                   "mapping's source).")
+@click.option("--nft-deliver", type=click.Choice(["auto", "external", "internal"]),
+              default="auto", show_default=True,
+              help="Port the gateway mirror delivers to (auto: external for proton).")
+@click.option("--nft-table", default=DEFAULT_TABLE, show_default=True,
+              help="nftables table (ip family) of the router mirror; the gateway mirror's "
+                   "is this name plus _gw.")
 def main(router_at: str | None, user: str, password_file: Path | None,
          interfaces: tuple[str, ...], routes: tuple[str, ...], router_latency: float,
-         gateway_at: str | None, profile: str, public_address: str, log_format: str) -> None:
+         gateway_at: str | None, profile: str, public_address: str, log_format: str,
+         nat_rules: tuple[str, ...], nft_router: str | None, nft_gateway: str | None,
+         nft_deliver: str, nft_table: str) -> None:
     logs.configure("INFO", log_format)
     ready: dict[str, str] = {}
     router = gateway = None
+    mirrors: list[RouterNatMirror | GatewayNatMirror] = []
+    if (nat_rules or nft_router) and not router_at:
+        raise click.UsageError("--nat-rule and --nft-router need --router")
+    if nft_gateway and not gateway_at:
+        raise click.UsageError("--nft-gateway needs --gateway")
+    try:
+        iface_map = parse_interface_map(nft_router) if nft_router else None
+        seeds = [_rule_words(text) for text in nat_rules]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     if router_at:
         password = password_file.read_text().strip() if password_file else ""
         host, port = _endpoint(router_at)
@@ -64,11 +106,26 @@ def main(router_at: str | None, user: str, password_file: Path | None,
         for route in routes:
             destination, _, interface = route.partition("=")
             router.state.routes.set(destination, interface=interface or None)
+        if iface_map is not None:
+            mirror = RouterNatMirror(router.state.nat, iface_map, table=nft_table)
+            mirrors.append(mirror.start())
+            ready["nft_router"] = nft_table
+        for words in seeds:
+            try:
+                router.state.nat.add(words)
+            except RouterError as exc:
+                raise click.BadParameter(f"--nat-rule {words}: {exc.message}") from None
         router.start()
         ready["router"] = "{}:{}".format(*router.address)
     if gateway_at:
         host, port = _endpoint(gateway_at)
         gateway = GatewayEmulator(host, port, profile=profile, public_address=public_address)
+        if nft_gateway:
+            deliver = None if nft_deliver == "auto" else nft_deliver
+            table = f"{nft_table}_gw"
+            mirrors.append(GatewayNatMirror(gateway, nft_gateway, deliver=deliver,
+                                            table=table).start())
+            ready["nft_gateway"] = table
         gateway.start()
         ready["gateway"] = "{}:{}".format(*gateway.address)
     print(json.dumps(ready), flush=True)
@@ -80,7 +137,23 @@ def main(router_at: str | None, user: str, password_file: Path | None,
         gateway.stop()
     if router is not None:
         router.stop()
+    for mirror in mirrors:
+        try:
+            mirror.close()
+        except NftError:
+            logging.getLogger("doublenat.lab.nft").exception("could not remove the nft table")
     sys.exit(0)
+
+
+def _rule_words(text: str) -> dict[str, str]:
+    """`chain=dstnat action=dst-nat comment="a b"` → a property dict."""
+    words: dict[str, str] = {}
+    for word in shlex.split(text):
+        name, sep, value = word.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--nat-rule word {word!r} is not PROP=VALUE")
+        words[name] = value
+    return words
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ class FakeGateway:
                 self.next_port += 7
                 port = self.next_port
             else:
-                taken = set(self.mappings.values())
+                taken = {v for (p, _), v in self.mappings.items() if p == proto}
                 port = (
                     suggested_port
                     if suggested_port and suggested_port not in taken

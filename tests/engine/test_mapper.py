@@ -370,3 +370,21 @@ def test_unadopted_rules_are_removed_after_the_grace() -> None:
     assert fresh.expire_due() == 0 and router.rules
     clock.advance(2)
     assert fresh.expire_due() == 1 and not router.rules and not gateway.mappings
+
+
+def test_both_protocols_of_one_mapping_share_the_ports() -> None:
+    mapper, router, _, _ = make_mapper()
+    udp_first = mapper.handle(A, udp(0, 1, 60))  # gluetun / Proton: UDP, then TCP
+    tcp_then = mapper.handle(A, tcp(0, 1, 60))
+    assert udp_first.external_port == tcp_then.external_port
+    leases = list(mapper.leases.values())
+    assert leases[0].upstream_port == leases[1].upstream_port
+    # Proton's suggestion "1" is outside PORT_RANGE: it was not passed to the gateway
+    assert udp_first.external_port >= 1024
+    rules_match_leases(mapper, router)
+
+
+def test_out_of_range_suggestions_are_not_passed_upstream() -> None:
+    mapper, _, _, _ = make_mapper(port_range=(40000, 50000))
+    outcome = mapper.handle(A, tcp(6881, 80, 60))
+    assert outcome.external_port != 80 and 40000 <= outcome.external_port <= 50000

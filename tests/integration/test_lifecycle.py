@@ -208,3 +208,17 @@ def test_external_mode_rule_follows_a_moved_port(make_lab: MakeLab) -> None:
     [rule] = lab.rules()
     assert rule["dst-port"] == str(moved.external_port)
     assert_rules_match_mappings(lab)
+
+
+@pytest.mark.parametrize(("profile", "mode"), [("proton", "external"), ("rfc", "internal")])
+def test_udp_and_tcp_of_one_client_get_one_external_port(
+    make_lab: MakeLab, profile: str, mode: str
+) -> None:
+    lab = make_lab(profile=profile, port_mode=mode)
+    with probe(lab.daemon.address) as client:
+        # Proton's documented loop, as gluetun also does it: UDP then TCP, internal port 0
+        udp = client.udp(0, 1, 60)
+        tcp = client.tcp(0, 1, 60)
+    assert udp.result == tcp.result == Result.SUCCESS
+    assert udp.external_port == tcp.external_port
+    assert_rules_match_mappings(lab)

@@ -1,0 +1,69 @@
+"""Fixtures of the end-to-end bed (tests/e2e/bed.py).
+
+One bed per upstream and test module, shared by the tests of that module: `miniupnpd`
+(Debian's, RFC semantics, doublenat in `internal` mode) and `proton` (the lab's gateway
+emulator forwarding with nftables, doublenat in `external` mode). After each test the LAN
+client's mappings are deleted and the bed is checked clean, so tests do not see each
+other's state. A failing test's report carries the bed's logs and nft rulesets.
+
+Without root or the Debian programs the tests skip with the reason; under CI=true they fail
+instead, and so does any other skip in this directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.bed import Bed
+from tests.needs import IN_CI, need_program, need_root
+
+UPSTREAMS = ("miniupnpd", "proton")
+
+
+def _requirements(upstream: str) -> None:
+    need_root()
+    need_program("ip", "nft", "natpmpc")
+    if upstream == "miniupnpd":
+        need_program("miniupnpd")
+
+
+@pytest.fixture(scope="module", params=UPSTREAMS)
+def bed(request: pytest.FixtureRequest,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    upstream = request.param
+    _requirements(upstream)
+    with Bed(upstream, tmp_path_factory.mktemp(f"bed-{upstream}")) as started:
+        yield started
+    assert not started.namespaces_left(), "namespaces of the bed survived its teardown"
+
+
+@pytest.fixture(autouse=True)
+def _clean_between_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    if "bed" not in request.fixturenames:
+        yield
+        return
+    bed: Bed = request.getfixturevalue("bed")
+    yield
+    if bed.doublenat is None or not bed.doublenat.alive():
+        return  # the test stopped it and did not restart it: it failed already
+    for proto in ("tcp", "udp"):
+        bed.natpmpc("-a", "0", "0", proto, "0")  # delete all of the client's mappings
+    left = bed.leftovers()
+    assert not any(left.values()), f"mappings survived a delete-all: {left}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    expected = hasattr(report, "wasxfail")
+    if report.skipped and IN_CI and not expected and call.when in ("setup", "call"):
+        # An end-to-end test that cannot run under CI is a failure, whatever skipped it.
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which is a failure here: {report.longrepr}"
+    if report.failed:
+        bed = getattr(item, "funcargs", {}).get("bed")
+        if isinstance(bed, Bed):
+            report.sections.append((f"bed diagnostics ({call.when})", bed.diagnostics()))
