@@ -41,5 +41,21 @@ deps:
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# The Debian package (dh-virtualenv), built in a copy of the tree under build/deb:
+#   make deb [DEB_OUT=dist] [DEB_VERSION=0.1.0+snapshot] [DEB_BUILDDIR=build/deb]
+# Needs dh-virtualenv, debhelper and python3-venv (`make deps`); writes dist/doublenat_<version>_<arch>.deb.
+deb:
+	packaging/build-deb $(if $(DEB_OUT),--out '$(DEB_OUT)') \
+		$(if $(DEB_VERSION),--version '$(DEB_VERSION)') \
+		$(if $(DEB_BUILDDIR),--builddir '$(DEB_BUILDDIR)')
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+
+# Long runs kept out of `make test` (see README): the benchmark table, and the fuzzer's
+# million datagrams against a running daemon.
+bench: deps venv
+	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+
+fuzz: venv
+	$(VENV)/bin/python -m tests.faults.fuzz --datagrams $(or $(DATAGRAMS),1000000)

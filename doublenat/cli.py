@@ -104,8 +104,18 @@ def load_settings(values: dict[str, str | None]) -> Settings:
     return Settings.from_raw(raw)
 
 
-def fail(message: str) -> None:
-    click.echo(f"doublenat: error: {message}", err=True)
+def fail(message: str, variable: str | None = None, as_json: bool = False) -> None:
+    """One line naming the problem, exit 2. As a JSON record when it goes to a log file,
+    so a log shipper never meets a plain line."""
+    text = f"doublenat: error: {message}"
+    if as_json:
+        import json
+        from datetime import UTC, datetime
+
+        text = json.dumps({"timestamp": datetime.now(UTC).isoformat(), "level": "ERROR",
+                           "logger": "doublenat", "message": text,
+                           "event": "settings.invalid", "variable": variable})
+    click.echo(text, err=True)
     sys.exit(USAGE_ERROR)
 
 
@@ -128,7 +138,9 @@ def serve(**values: str | None) -> None:
     try:
         settings = load_settings(values)
     except SettingError as exc:
-        fail(str(exc))
+        # JSON unless a human reads it (a terminal) or text logs were asked for.
+        wants_text = (values.get("log_format") or "").strip().lower() == "text"
+        fail(str(exc), exc.variable, as_json=not wants_text and not sys.stderr.isatty())
         return
     logs.configure(settings.log_level, settings.log_format, secrets=[settings.api_password])
     from doublenat.adapters.front import BindError

@@ -277,3 +277,14 @@ def test_password_file_logs_in(emulators: dict[str, str], tmp_path: Path) -> Non
     records = json_records(text)
     assert any(r.get("event") == "reconcile.done" for r in records), text
     assert not any("login" in json.dumps(r) for r in records), text
+
+
+def test_a_settings_error_is_a_json_record_when_stderr_is_a_log() -> None:
+    result = serve(**{**VALID, "VPN_GATEWAY": "not-an-ip"})
+    assert result.exit_code == 2
+    [line] = stderr_lines(result.stderr)
+    record = json.loads(line)
+    assert record["level"] == "ERROR" and record["variable"] == "VPN_GATEWAY"
+    assert record["message"].startswith("doublenat: error: VPN_GATEWAY:")
+    text = serve(**{**VALID, "VPN_GATEWAY": "not-an-ip", "LOG_FORMAT": "text"})
+    assert stderr_lines(text.stderr)[0].startswith("doublenat: error: VPN_GATEWAY:")
