@@ -35,8 +35,11 @@ class Scrubber:
         if not secret:
             return
         # As given, and as repr() writes it into a message or a traceback (str or bytes);
-        # each of those also as the JSON formatter escapes it.
-        for form in (secret, repr(secret)[1:-1], repr(secret.encode("utf-8"))[2:-1]):
+        # each of those also as the JSON formatter escapes it. repr() escapes a ' only when
+        # it quotes with ', which a " elsewhere in the same value decides: both quotings.
+        raw = secret.encode("utf-8")
+        for form in (secret, repr(secret)[1:-1], repr(secret + '"')[1:-2],
+                     repr(raw)[2:-1], repr(raw + b'"')[2:-2]):
             for variant in (form, json.dumps(form)[1:-1]):
                 if variant not in self._secrets:
                     self._secrets.append(variant)

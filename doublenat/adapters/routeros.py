@@ -338,9 +338,13 @@ class RouterOsClient:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
         if self._password:
-            # The whole secret first (raw and as bytes repr), so a password with spaces
-            # or quotes is not cut short by the word pattern below.
-            for form in (self._password, repr(self._password.encode())[2:-1]):
+            # The whole secret first (raw and as str/bytes repr), so a password with spaces
+            # or quotes is not cut short by the word pattern below. repr() escapes a ' only
+            # when it quotes with ', which a " elsewhere in the same value decides: both.
+            pw = self._password
+            forms = {pw, repr(pw)[1:-1], repr(pw + '"')[1:-2], repr(pw.encode())[2:-1],
+                     repr(pw.encode() + b'"')[2:-2]}
+            for form in sorted(forms, key=len, reverse=True):
                 text = text.replace(form, "***")
         return re.sub(r"=password=[^\s'\"]*", "=password=***", text)
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from typing import Literal
@@ -121,6 +121,8 @@ class Mapper:
         self.candidates: dict[MappingKey, Candidate] = {}
         self.pending: set[str] = set()  # comments of rules being written right now
         self.uncertain: set[str] = set()  # comments of writes whose outcome is unknown
+        self.removing: set[str] = set()  # rule ids being removed right now
+        self._removal_logs: list[set[str]] = []  # open while a reconciliation lists rules
         # Rules to remove when the router allows: id -> (mapping, router port still held).
         self.garbage: dict[str, tuple[MappingKey, int]] = {}
         self.interface: str | None = None
@@ -513,6 +515,19 @@ class Mapper:
             key, port = entry
             self.ports.release_router(key.proto, port, key.client)
 
+    @contextmanager
+    def watching_removals(self) -> Iterator[set[str]]:
+        """While a reconciliation lists the router's rules, collect the ids of rules being
+        removed or removed meanwhile: such a rule may still be listed, yet belongs to
+        a mapping that just ended, not to an earlier run."""
+        seen = set(self.removing)
+        self._removal_logs.append(seen)
+        try:
+            yield seen
+        finally:
+            self._removal_logs.remove(seen)
+            seen |= self.removing
+
     def locked(self, key: MappingKey) -> AbstractContextManager[None]:
         return self._locks.hold(key)
 
@@ -571,6 +586,7 @@ class Mapper:
         return None
 
     def _drop_rule(self, rule_id: str, key: MappingKey, router_port: int) -> bool:
+        self.removing.add(rule_id)
         try:
             self.router.remove_rule(rule_id)
             return True
@@ -579,6 +595,10 @@ class Mapper:
             self._event(logging.WARNING, "rule.remove_failed", key, rule_id=rule_id,
                         reason=f"{exc}; reconciliation will remove it")
             return False
+        finally:
+            self.removing.discard(rule_id)
+            for removed in self._removal_logs:
+                removed.add(rule_id)
 
     def _ask(self, proto: Proto, port: int, suggested: int, lifetime: int,
              key: MappingKey) -> MapAnswer | None:

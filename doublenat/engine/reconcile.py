@@ -52,6 +52,7 @@ def plan(
     uncertain: Collection[str],
     garbage: Collection[str],
     interface: str,
+    removed: Collection[str] = (),
 ) -> Plan:
     result = Plan()
     owner_of = {lease.rule_id: key for key, lease in leases.items()}
@@ -66,6 +67,8 @@ def plan(
             continue
         if rule.comment in pending:
             continue  # being created right now; its mapping is not installed yet
+        if rule.rule_id in removed:
+            continue  # its mapping just ended; the removal was under way at the listing
         owned = parse_owned(rule)
         if rule.rule_id in garbage:
             result.remove.append((rule, "mapping already ended"))
@@ -136,9 +139,10 @@ class Reconciler:
         # Failures known before the listing are judged by it; later ones wait for the next.
         uncertain_before = set(mapper.uncertain)
         garbage_before = set(mapper.garbage)
-        rules = self.router.list_rules()
+        with mapper.watching_removals() as removed:
+            rules = self.router.list_rules()
         the_plan = plan(rules, mapper.leases, mapper.candidates, mapper.pending,
-                        uncertain_before, garbage_before, interface)
+                        uncertain_before, garbage_before, interface, removed)
         report = Report(interface=interface, rules=len(rules))
         if mapper.interface not in (None, interface):
             log.warning("VPN interface changed, moving rules",

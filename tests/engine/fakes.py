@@ -103,8 +103,9 @@ class FakeRouter:
         self.rules[rule_id] = replace(rule, **{names[k]: v for k, v in changes.items()})
 
     def list_rules(self) -> list[NatRule]:
+        snapshot = list(self.rules.values())  # what the router held when asked
         self._enter("list_rules")
-        return list(self.rules.values())
+        return snapshot
 
     def find_rules(self, comment: str) -> list[NatRule]:
         self._enter("find_rules")

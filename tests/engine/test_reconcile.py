@@ -173,3 +173,26 @@ def test_removes_the_rule_of_a_write_that_failed_midway() -> None:
     assert len(router.rules) == 1
     report = run(mapper, router)
     assert report.removed == 1 and not router.rules
+
+
+@pytest.mark.parametrize("slow", ["remove_rule", "list_rules"])
+def test_a_mapping_ending_during_the_listing_is_not_adopted(slow: str) -> None:
+    """The rule of a mapping being deleted may still be listed: it is not an earlier
+    run's rule, and must not come back as one (found by the fuzzer)."""
+    mapper, router, _, _ = make_mapper()
+    mapper.handle(A, MapRequest(Proto.TCP, 6881, 6881, 60))
+    router.delay[slow] = 0.05
+    if slow == "remove_rule":  # the removal is still under way when the listing returns
+        deletion = gevent.spawn(mapper.handle, A, MapRequest(Proto.TCP, 6881, 0, 0))
+        gevent.sleep(0.01)
+        report = run(mapper, router)
+    else:  # the removal starts and ends while the listing is in flight
+        listing = gevent.spawn(run, mapper, router)
+        gevent.sleep(0.01)
+        deletion = gevent.spawn(mapper.handle, A, MapRequest(Proto.TCP, 6881, 0, 0))
+        report = listing.get()
+    deletion.join()
+    assert report.adopted == 0 and not mapper.candidates
+    assert not router.rules and not mapper.leases
+    # and the port is free for the next client
+    assert mapper.ports.router_free(Proto.TCP, 6881, IPv4Address("192.168.88.99"))
