@@ -57,6 +57,9 @@ _FRESH_FRACTION = 1 / 8
 _FRESH_MAX = 30.0
 # Upstream deletes sent at once during shutdown (UDP: cheap to have many in flight).
 _SHUTDOWN_UPSTREAM_PARALLEL = 100
+_THROTTLED = frozenset({"mapping.refused", "mapping.failed", "upstream.failed"})
+_WARN_EVERY = 10.0
+_WARNED_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,7 @@ class Mapper:
         self._locks: KeyedLocks[MappingKey] = KeyedLocks()
         self._joiner: Joiner[tuple[object, ...], Outcome] = Joiner()
         self._creating: dict[IPv4Address, int] = defaultdict(int)
+        self._warned: dict[tuple[IPv4Address, str, str], float] = {}
         self.counters: dict[str, int] = defaultdict(int)
 
     # ----------------------------------------------------------------- entry
@@ -655,6 +659,18 @@ class Mapper:
                **fields: object) -> None:
         """One record per mapping event, always with the same fields (None when unknown),
         so a log aggregator can graph and filter them without parsing messages."""
+        if level >= logging.WARNING and event in _THROTTLED:
+            # A client hammering past its quota, or every request while the router is
+            # down, is one warning per client and reason every few seconds, not a flood.
+            mark = (key.client, event, str(fields.get("reason", "")))
+            now = self.clock()
+            if now - self._warned.get(mark, -_WARN_EVERY) < _WARN_EVERY:
+                level = logging.DEBUG
+            else:
+                self._warned[mark] = now
+                if len(self._warned) > _WARNED_MAX:
+                    self._warned = {m: t for m, t in self._warned.items()
+                                    if now - t < _WARN_EVERY}
         if not log.isEnabledFor(level):
             return
         record: dict[str, object] = {

@@ -388,3 +388,22 @@ def test_out_of_range_suggestions_are_not_passed_upstream() -> None:
     mapper, _, _, _ = make_mapper(port_range=(40000, 50000))
     outcome = mapper.handle(A, tcp(6881, 80, 60))
     assert outcome.external_port != 80 and 40000 <= outcome.external_port <= 50000
+
+
+def test_repeated_refusals_warn_once_per_client_and_reason(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="doublenat.mapping")
+    mapper, _, _, clock = make_mapper(max_per_client=1)
+    mapper.handle(A, tcp(1000))
+    for port in range(1001, 1021):
+        assert mapper.handle(A, tcp(port)).result == Result.OUT_OF_RESOURCES
+    refused = [r for r in caplog.records if getattr(r, "event", "") == "mapping.refused"]
+    assert len(refused) == 20
+    assert [r.levelno for r in refused].count(logging.WARNING) == 1
+    clock.advance(11)
+    mapper.handle(A, tcp(1030))
+    assert caplog.records[-1].levelno == logging.WARNING
+    mapper.handle(B, tcp(1031))  # another client is not silenced by the first
+    assert mapper.handle(B, tcp(1032)).result == Result.OUT_OF_RESOURCES
+    assert caplog.records[-1].levelno == logging.WARNING
