@@ -91,6 +91,7 @@ class Candidate:
 
 
 _OTHER = {Proto.UDP: Proto.TCP, Proto.TCP: Proto.UDP}
+_COLLISION = "<collision>"  # _add_rule's answer when the router says the port is taken
 _FAILED = Outcome(Result.NETWORK_FAILURE)
 _NO_PORT = Outcome(Result.OUT_OF_RESOURCES)
 _DONE = Outcome(Result.SUCCESS)
@@ -211,11 +212,31 @@ class Mapper:
                 del self._creating[client]
 
     def _create_rule_first(
-        self, key: MappingKey, port: int, suggested: int, lifetime: int, interface: str
+        self,
+        key: MappingKey,
+        port: int,
+        suggested: int,
+        lifetime: int,
+        interface: str,
+        first_try: bool = True,
     ) -> Outcome:
         spec = RuleSpec(key.proto, interface, port, key.client, key.internal_port,
                         rule_comment(key, port))
-        rule_id = self._add_rule(spec, key)
+        rule_id = self._add_rule(spec, key, collision_retry=first_try)
+        if rule_id is _COLLISION:
+            # Our view of the router was stale: remember the port as taken, try another.
+            self.ports.mark_foreign(key.proto, port)
+            self._release(key, port, port)
+            with self._alloc:
+                retry = self.ports.allocate(key.client, key.proto, (), router=True)
+            if retry is None:
+                return _NO_PORT
+            self.pending.add(rule_comment(key, retry))
+            try:
+                return self._create_rule_first(key, retry, suggested, lifetime, interface,
+                                               first_try=False)
+            finally:
+                self.pending.discard(rule_comment(key, retry))
         if rule_id is None:
             self._release(key, port, port)
             return _FAILED
@@ -573,11 +594,18 @@ class Mapper:
         self._event(logging.INFO, event, key, lease=lease, lifetime=told, result=Result.SUCCESS)
         return Outcome(Result.SUCCESS, answer.external_port, answer.lifetime)
 
-    def _add_rule(self, spec: RuleSpec, key: MappingKey) -> str | None:
+    def _add_rule(self, spec: RuleSpec, key: MappingKey, collision_retry: bool = False
+                  ) -> str | None:
+        """The new rule's id; None if it failed; `_COLLISION` if the router says the
+        port is taken and the caller will retry with another."""
         try:
             return self.router.add_rule(spec)
         except RouterTrap as exc:
             reason = f"router refused the rule: {exc}"
+            if collision_retry and "already have" in str(exc):
+                self._event(logging.INFO, "mapping.collision", key, router_port=spec.dst_port,
+                            reason=reason)
+                return _COLLISION
             if "in-interface" in str(exc):
                 self.router_ready = False  # the VPN interface went away: detect it again
                 self._router_wanted()

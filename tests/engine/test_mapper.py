@@ -407,3 +407,21 @@ def test_repeated_refusals_warn_once_per_client_and_reason(caplog) -> None:  # t
     mapper.handle(B, tcp(1031))  # another client is not silenced by the first
     assert mapper.handle(B, tcp(1032)).result == Result.OUT_OF_RESOURCES
     assert caplog.records[-1].levelno == logging.WARNING
+
+
+def test_a_collision_the_router_reports_is_retried_on_another_port() -> None:
+    from doublenat.engine.contracts import RouterTrap
+
+    mapper, router, gateway, _ = make_mapper()
+    router.fail["add_rule"] = RouterTrap("failure: already have such rule")
+    outcome = mapper.handle(A, tcp(6881, 6881))
+    assert outcome.result == Result.SUCCESS
+    [rule] = router.rules.values()
+    assert rule.dst_port != "6881" and router.calls["add_rule"] == 2
+    assert not mapper.ports.router_free(Proto.TCP, 6881, A)  # remembered as taken
+    rules_match_leases(mapper, router)
+    # a router that refuses every time costs two tries, not a scan of every port
+    router.fail_always["add_rule"] = RouterTrap("failure: already have such rule")
+    assert mapper.handle(A, tcp(7000, 7000)).result == Result.NETWORK_FAILURE
+    assert router.calls["add_rule"] == 4
+    assert gateway.calls["create"] == 1
