@@ -55,6 +55,7 @@ clean:
 # Long runs kept out of `make test` (see README): the benchmark table, and the fuzzer's
 # million datagrams against a running daemon.
 bench: deps venv
+	$(PIP) install --quiet -e '.[test,bench]'
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
 fuzz: venv

@@ -1,7 +1,10 @@
 """The LAN-facing UDP socket: a gevent DatagramServer spawning handlers from a Pool.
 
 A full pool stops reading (the kernel queue holds the burst); sources that may not be
-served are dropped while reading, before a greenlet is spent on them.
+served are dropped while reading, before a greenlet is spent on them, and requests whose
+answer needs no waiting (opcode 0 with the address cached, malformed or unsupported
+datagrams) are answered right there: a handler greenlet per datagram costs more than
+the answer itself.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import socket
 from ipaddress import IPv4Address
 
+import gevent
 from gevent.pool import Pool
 from gevent.server import DatagramServer
 
@@ -22,8 +26,10 @@ log = logging.getLogger("doublenat.server")
 HANDLERS = 100
 # Larger than any request we answer (PCP's 1100 bytes), so nothing is cut silently.
 _MAX_DATAGRAM = 8192
-# Drops handled inline per wake-up, so a flood cannot keep the hub in one read loop.
-_MAX_INLINE_DROPS = 64
+# Datagrams dropped or answered inline per read, so a flood cannot keep the hub in one
+# read loop (gevent calls the read again at once while the socket stays readable).
+_MAX_INLINE = 64
+_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 _RECEIVE_BUFFER = 1 << 20
 
 
@@ -52,17 +58,50 @@ class NatPmpServer(DatagramServer):
         self.errors = 0
 
     def do_read(self) -> tuple[bytes, IPv4Address, tuple[str, int]] | None:
-        for _ in range(_MAX_INLINE_DROPS):
+        """The next request that needs a handler; the others are dropped or answered here."""
+        recvfrom = self._socket.recvfrom
+        responder = self.responder
+        for _ in range(_MAX_INLINE):
             try:
-                data, source = self._socket.recvfrom(_MAX_DATAGRAM)
+                data, source = recvfrom(_MAX_DATAGRAM)
             except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                if exc.errno in _WOULD_BLOCK:
                     return None
                 raise
-            client = self.responder.admit(source)
-            if client is not None:
+            client = responder.admit(source)
+            if client is None:
+                continue
+            try:
+                done, reply = responder.answer_now(data, client)
+            except Exception:
+                self._failed(data, source)
+                continue
+            if not done:
                 return data, client, source
+            if reply is not None:
+                self._send_now(reply, source)
         return None
+
+    def _send_now(self, reply: bytes, source: tuple[str, int]) -> None:
+        try:
+            self._socket.sendto(reply, source)
+        except OSError as exc:
+            if exc.errno not in _WOULD_BLOCK:
+                self._failed(reply, source)
+                return
+            # The send buffer is full: a greenlet waits for room instead of the loop.
+            gevent.spawn(self._send_later, reply, source)
+
+    def _send_later(self, reply: bytes, source: tuple[str, int]) -> None:
+        try:
+            self.sendto(reply, source)
+        except Exception:
+            self._failed(reply, source)
+
+    def _failed(self, data: bytes, source: tuple[str, int]) -> None:
+        self.errors += 1
+        log.exception("request handler failed", extra={
+            "event": "request.error", "client": source[0], "length": len(data)})
 
     def handle(self, data: bytes, client: IPv4Address, source: tuple[str, int]) -> None:
         try:
@@ -71,9 +110,7 @@ class NatPmpServer(DatagramServer):
                 self.sendto(reply, source)
         except Exception:
             # One bad request must never take the server down or print a loose traceback.
-            self.errors += 1
-            log.exception("request handler failed", extra={
-                "event": "request.error", "client": source[0], "length": len(data)})
+            self._failed(data, source)
 
     def in_flight(self) -> int:
         assert self.pool is not None

@@ -124,26 +124,29 @@ class RouterOsClient:
             self._queue.put(_Connection())
         self._failures = 0
         self._down_until = 0.0
+        self._waiting = 0  # greenlets waiting for a connection
         self.stats = RouterStats()
         self.closed = False
 
     # --------------------------------------------------------------- contract
 
     def add_rule(self, spec: RuleSpec) -> str:
+        # Bytes through the library's binary resource: the creation hot path skips its
+        # typed str layer, which costs more than the command itself on a fast router.
         words = {
-            "chain": "dstnat",
-            "action": "dst-nat",
-            "protocol": spec.proto.label,
-            "in-interface": spec.interface,
-            "dst-port": str(spec.dst_port),
-            "to-addresses": str(spec.to_address),
-            "to-ports": str(spec.to_port),
-            "comment": spec.comment,
+            "chain": b"dstnat",
+            "action": b"dst-nat",
+            "protocol": spec.proto.label.encode(),
+            "in-interface": spec.interface.encode(),
+            "dst-port": str(spec.dst_port).encode(),
+            "to-addresses": str(spec.to_address).encode(),
+            "to-ports": str(spec.to_port).encode(),
+            "comment": spec.comment.encode(),
         }
 
         def add(api: Any) -> str:
-            response = api.get_resource(NAT).call("add", words)
-            return str(response.done_message["ret"])
+            response = api.get_binary_resource(NAT).call("add", words)
+            return response.done_message["ret"].decode()
 
         try:
             return self._call(add)
@@ -232,12 +235,15 @@ class RouterOsClient:
             raise RouterUnavailable(str(failed)) from None
 
     def _call(self, work: Callable[[Any], T]) -> T:
+        self._waiting += 1
         try:
             connection = self._queue.get(timeout=self.timeout)
         except Empty:
             raise RouterUnavailable(
                 f"all {self.size} API connections stayed busy for {self.timeout:g} s"
             ) from None
+        finally:
+            self._waiting -= 1
         reused = connection.api is not None
         started = self._clock()
         in_step = False  # is the connection known to be between two sentences?
@@ -268,6 +274,10 @@ class RouterOsClient:
         connection.calls += 1
         self.stats.calls += 1
         self.stats.latencies.append(self._clock() - started)
+        if self._waiting:
+            # Let the greenlet waiting for a connection send its command now, before this
+            # one goes on with its own work: keeps all four connections busy.
+            gevent.sleep(0)
         return result
 
     def _connect(self, connection: _Connection) -> None:

@@ -36,6 +36,11 @@ class AddressService:
         self._joiner: Joiner[str, tuple[Result, IPv4Address]] = Joiner()
         self.queries = 0
 
+    def cached(self, margin: float = 0.0) -> bool:
+        """Would `lookup()` answer from its cache (for `margin` seconds more at least)?"""
+        cached = self._cached
+        return cached is not None and self.clock() - cached[0] < self.ttl - margin
+
     def lookup(self) -> tuple[Result, IPv4Address]:
         cached = self._cached
         if cached is not None and self.clock() - cached[0] < self.ttl:

@@ -283,13 +283,36 @@ class Mapper:
 
     # ----------------------------------------------------------------- renew
 
+    def renew_now(self, client: IPv4Address, request: MapRequest) -> Outcome | None:
+        """A renewal answered at once from a fresh lease, or None if it needs real work
+        (no lease, not fresh, a delete, or other work on that mapping under way).
+
+        Nothing here yields, so the UDP front may call it without a handler greenlet.
+        """
+        if request.lifetime == 0:
+            return None
+        key = MappingKey(client, request.proto, request.internal_port)
+        lease = self.leases.get(key)
+        if lease is None or self._locks.busy(key) or self._joiner.joined(("map", key)):
+            return None
+        now = self.clock()
+        if not self._fresh(lease, now):
+            return None
+        return self._from_lease(lease, min(request.lifetime, self.config.max_lifetime), now)
+
+    def _fresh(self, lease: Lease, now: float) -> bool:
+        """Was the upstream mapping confirmed so recently that asking again is waste?"""
+        if lease.generation != self.upstream.generation or lease.upstream_expires_at <= now:
+            return False
+        window = min((lease.upstream_expires_at - lease.upstream_renewed_at) * _FRESH_FRACTION,
+                     _FRESH_MAX)
+        return now - lease.upstream_renewed_at < window
+
     def _renew(self, lease: Lease, lifetime: int) -> Outcome:
         now = self.clock()
         current = lease.generation == self.upstream.generation
         upstream_left = lease.upstream_expires_at - now
-        window = min((lease.upstream_expires_at - lease.upstream_renewed_at) * _FRESH_FRACTION,
-                     _FRESH_MAX)
-        if current and upstream_left > 0 and now - lease.upstream_renewed_at < window:
+        if self._fresh(lease, now):
             return self._from_lease(lease, lifetime, now)
         answer = self._ask(lease.key.proto, lease.upstream_port, lease.external_port, lifetime,
                            lease.key)

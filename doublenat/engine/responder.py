@@ -1,6 +1,10 @@
 """From a client's datagram to doublenat's answer: policy, dispatch and the reply bytes.
 
 No sockets here: the UDP front calls `respond(data, source)` and sends what it returns.
+
+Requests that cannot wait on anything (a malformed datagram, another version, an unknown
+opcode, opcode 0 while the address is cached) are answered by `answer_now` right where
+the front reads them, without a handler greenlet; the rest go to a handler (`answer`).
 """
 
 from __future__ import annotations
@@ -9,10 +13,11 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
+from typing import cast
 
 from doublenat.engine.address import AddressService
 from doublenat.engine.epoch import Epoch
-from doublenat.engine.mapper import Mapper
+from doublenat.engine.mapper import Mapper, Outcome
 from doublenat.engine.ratelimit import RateLimiter
 from doublenat.protocol.natpmp import (
     AddressReply,
@@ -31,6 +36,13 @@ from doublenat.protocol.natpmp import (
 
 log = logging.getLogger("doublenat.requests")
 
+# answer_now's "a handler must do this": it may wait on the router or the gateway.
+LATER: tuple[bool, bytes | None] = (False, None)
+# Sources remembered by admit() (the allow-list verdict per address); cleared when full.
+_ADMIT_CACHE = 4096
+_DENIED, _NOT_IPV4 = "denied", "not IPv4"
+_CACHE_MARGIN = 0.05  # seconds
+
 
 class Responder:
     def __init__(
@@ -48,6 +60,8 @@ class Responder:
         # Integer masks: the allow-list check runs for every datagram.
         self._allowed = [(int(n.network_address), int(n.netmask)) for n in allowed]
         self.counts: Counter[str] = Counter()  # "op<N>.result<R>", "denied", "dropped", ...
+        self._sources: dict[str, IPv4Address | str] = {}  # host -> client or a refusal
+        self._count_keys: dict[tuple[int, int], str] = {}
 
     def allowed(self, client: IPv4Address) -> bool:
         value = int(client)
@@ -61,11 +75,17 @@ class Responder:
     def admit(self, source: tuple[str, int]) -> IPv4Address | None:
         """The client, if this source may be served now (allow-list, rate limit)."""
         host, port = source[0], source[1]
+        sources = self._sources
         try:
-            client = IPv4Address(host)
-        except ValueError:
+            client = sources[host]
+        except KeyError:
+            client = self._classify(host)
+            if len(sources) >= _ADMIT_CACHE:
+                sources.clear()
+            sources[host] = client
+        if client is _NOT_IPV4:
             return None
-        if port == 0 or not self.allowed(client):
+        if client is _DENIED or port == 0:
             self.counts["denied"] += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request from a source outside ALLOWED_CLIENTS dropped",
@@ -74,31 +94,65 @@ class Responder:
         if self.limiter is not None and not self.limiter.allow(host):
             self.counts["rate_limited"] += 1
             return None
-        return client
+        return cast(IPv4Address, client)
+
+    def _classify(self, host: str) -> IPv4Address | str:
+        try:
+            client = IPv4Address(host)
+        except ValueError:
+            return _NOT_IPV4
+        return client if self.allowed(client) else _DENIED
+
+    def answer_now(self, data: bytes, client: IPv4Address) -> tuple[bool, bytes | None]:
+        """(True, reply or None for silence) when the answer needs no waiting; else LATER.
+
+        Safe to call from the event loop itself: nothing on the (True, ...) path yields.
+        """
+        if len(data) >= 2 and data[0] == 0:
+            opcode = data[1]
+            if opcode == 0 and not self.addresses.cached(_CACHE_MARGIN):
+                return LATER
+            if opcode in (1, 2):
+                request = parse_request(data)
+                if not isinstance(request, MapRequest):
+                    return True, self.answer(data, client)  # too short: dropped
+                outcome = self.mapper.renew_now(client, request)
+                if outcome is None:
+                    return LATER
+                return True, self._count(data, self._map_reply(request, outcome))
+        return True, self.answer(data, client)
 
     def answer(self, data: bytes, client: IPv4Address) -> bytes | None:
         request = parse_request(data)
         if request is None:
             self.counts["dropped"] += 1
             return None
-        reply = self._answer(client, request)
-        self.counts[f"op{data[1]}.result{int(_result_of(reply))}"] += 1
+        return self._count(data, self._answer(client, request))
+
+    def _count(self, data: bytes, reply: Reply) -> bytes:
+        key = (data[1], _result_of(reply))
+        name = self._count_keys.get(key)
+        if name is None:
+            name = self._count_keys[key] = f"op{key[0]}.result{int(key[1])}"
+        self.counts[name] += 1
         return pack_reply(reply)
+
+    def _map_reply(self, request: MapRequest, outcome: Outcome) -> MapReply:
+        epoch = self.epoch.seconds()  # after the work: it may have reset the epoch
+        if outcome.result != Result.SUCCESS:
+            return map_failure(request, epoch, outcome.result)
+        if request.lifetime == 0:
+            return MapReply(request.proto, epoch, Result.SUCCESS, request.internal_port, 0, 0)
+        lifetime = max(1, min(request.lifetime, self.mapper.config.max_lifetime,
+                              outcome.lifetime))
+        return MapReply(request.proto, epoch, Result.SUCCESS, request.internal_port,
+                        outcome.external_port, lifetime)
 
     def _answer(
         self, client: IPv4Address, request: object
     ) -> Reply:
         if isinstance(request, MapRequest):
-            outcome = self.mapper.handle(client, request)
-            epoch = self.epoch.seconds()
-            if outcome.result != Result.SUCCESS:
-                return map_failure(request, epoch, outcome.result)
-            if request.lifetime == 0:
-                return MapReply(request.proto, epoch, Result.SUCCESS, request.internal_port, 0, 0)
-            lifetime = max(1, min(request.lifetime, self.mapper.config.max_lifetime,
-                                  outcome.lifetime))
-            return MapReply(request.proto, epoch, Result.SUCCESS, request.internal_port,
-                            outcome.external_port, lifetime)
+            return self._map_reply(request, self.mapper.handle(client, request))
         if isinstance(request, AddressRequest):
             result, address = self.addresses.lookup()
             return AddressReply(self.epoch.seconds(), result, address)
