@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from doublenat.lab import miniupnpd
+
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -334,28 +336,6 @@ GW_ADDRESS = "192.168.77.1"
 CLIENT_ADDRESS = "192.168.77.2"
 WAN_ADDRESS = "11.22.33.44"  # public-looking: miniupnpd 2.3.1 refuses a private WAN
 
-MINIUPNPD_SKELETON = """\
-table inet filter {
-    chain forward {
-        type filter hook forward priority 0; policy drop;
-        jump miniupnpd
-    }
-    chain miniupnpd {
-    }
-    chain prerouting {
-        type nat hook prerouting priority -100; policy accept;
-        jump prerouting_miniupnpd
-    }
-    chain postrouting {
-        type nat hook postrouting priority 100; policy accept;
-        jump postrouting_miniupnpd
-    }
-    chain prerouting_miniupnpd {
-    }
-    chain postrouting_miniupnpd {
-    }
-}
-"""
 
 
 def netns_available() -> bool:
@@ -411,21 +391,10 @@ class Miniupnpd:
         self.ns = ns
         self.pid: int | None = None
         subprocess.run(["ip", "netns", "exec", ns.gw, "nft", "-f", "-"],
-                       input=MINIUPNPD_SKELETON, text=True, check=True, capture_output=True)
+                       input=miniupnpd.ruleset(), text=True, check=True, capture_output=True)
         conf = self.dir / "miniupnpd.conf"
-        conf.write_text(
-            "ext_ifname=wan0\n"
-            "listening_ip=vgw0\n"
-            "enable_natpmp=yes\n"
-            "enable_upnp=no\n"
-            "secure_mode=yes\n"
-            "system_uptime=no\n"
-            f"lease_file={self.dir / 'upnp.leases'}\n"
-            "clean_ruleset_interval=600\n"
-            f"uuid={uuid.uuid4()}\n"
-            "allow 1024-65535 192.168.77.0/24 1024-65535\n"
-            "deny 0-65535 0.0.0.0/0 0-65535\n"
-        )
+        conf.write_text(miniupnpd.config("wan0", "vgw0", "192.168.77.0/24",
+                                         self.dir / "upnp.leases"))
         pidfile = self.dir / "miniupnpd.pid"
         subprocess.run(wrap(["miniupnpd", "-f", str(conf), "-P", str(pidfile)], cpu, ns.gw),
                        check=True, capture_output=True)

@@ -55,16 +55,7 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.router: Router = router or RouterOsClient(
-            settings.api_address,
-            settings.api_user,
-            settings.api_password,
-            tls=settings.api_tls,
-            tls_ca=settings.api_tls_ca,
-            tls_verify=settings.api_tls_verify,
-            timeout=settings.router_timeout,
-            clock=clock,
-        )
+        self.router: Router = router or RouterOsClient.from_settings(settings, clock=clock)
         self.gateway: Gateway = gateway or NatPmpClient(
             settings.vpn_gateway, budget=settings.upstream_timeout, clock=clock
         )

@@ -61,7 +61,7 @@ class Probe:
     ) -> MapReply:
         reply = self.ask(MapRequest(proto, internal, suggested, lifetime), timeout)
         assert isinstance(reply, MapReply), reply
-        assert reply.internal_port == internal
+        assert reply.proto is proto and reply.internal_port == internal
         return reply
 
     def tcp(self, internal: int, suggested: int = 0, lifetime: int = 60) -> MapReply:

@@ -44,7 +44,7 @@ from doublenat.engine.contracts import (
     RuleSpec,
     monotonic,
 )
-from doublenat.settings import Endpoint
+from doublenat.settings import Endpoint, Settings
 
 log = logging.getLogger("doublenat.router")
 
@@ -127,6 +127,22 @@ class RouterOsClient:
         self._waiting = 0  # greenlets waiting for a connection
         self.stats = RouterStats()
         self.closed = False
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, size: int = 4, clock: Clock = monotonic
+    ) -> RouterOsClient:
+        return cls(
+            settings.api_address,
+            settings.api_user,
+            settings.api_password,
+            tls=settings.api_tls,
+            tls_ca=settings.api_tls_ca,
+            tls_verify=settings.api_tls_verify,
+            size=size,
+            timeout=settings.router_timeout,
+            clock=clock,
+        )
 
     # --------------------------------------------------------------- contract
 

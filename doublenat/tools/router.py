@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from doublenat.adapters.routeros import RouterOsClient
+from doublenat.engine.contracts import Clock, monotonic
 from doublenat.settings import Settings
 
 
 class ToolRouter(RouterOsClient):
     @classmethod
-    def from_settings(cls, settings: Settings, size: int = 1) -> ToolRouter:
+    def from_settings(
+        cls, settings: Settings, size: int = 1, clock: Clock = monotonic
+    ) -> ToolRouter:
         """A small pool (one connection is plenty for a tool) with the daemon's settings."""
-        return cls(
-            settings.api_address,
-            settings.api_user,
-            settings.api_password,
-            tls=settings.api_tls,
-            tls_ca=settings.api_tls_ca,
-            tls_verify=settings.api_tls_verify,
-            size=size,
-            timeout=settings.router_timeout,
-        )
+        return cast(ToolRouter, super().from_settings(settings, size, clock))
 
     @property
     def tls_context(self) -> ssl.SSLContext | None:

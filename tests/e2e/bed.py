@@ -43,11 +43,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from doublenat.lab import miniupnpd
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = str(Path(__file__).with_name("tools.py"))
@@ -97,31 +98,6 @@ ROUTER_RULES = (
 ROUTER_INTERFACES = "wg-proton=tun,bridge=lan"
 
 # Debian's nft_init.sh needs iptables; this is the same skeleton, loaded by hand, plus the
-# stateful accept any real gateway has so that replies of forwarded connections get out.
-MINIUPNPD_SKELETON = """\
-table inet filter {
-    chain forward {
-        type filter hook forward priority 0; policy drop;
-        ct state established,related accept
-        iifname "tun" oifname "wan" accept
-        jump miniupnpd
-    }
-    chain miniupnpd {
-    }
-    chain prerouting {
-        type nat hook prerouting priority -100; policy accept;
-        jump prerouting_miniupnpd
-    }
-    chain postrouting {
-        type nat hook postrouting priority 100; policy accept;
-        jump postrouting_miniupnpd
-    }
-    chain prerouting_miniupnpd {
-    }
-    chain postrouting_miniupnpd {
-    }
-}
-"""
 MINIUPNPD_CHAINS = ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd")
 
 _MAPPED = re.compile(
@@ -296,25 +272,18 @@ class Bed:
                             "open('/proc/sys/net/ipv4/ip_forward', 'w').write('1')"])
 
     def _start_miniupnpd(self) -> None:
-        self.nft("vpn", "-f", "-", script=MINIUPNPD_SKELETON)
+        self.nft("vpn", "-f", "-", script=miniupnpd.ruleset([
+            # what any real gateway has: replies of forwarded connections get out
+            "ct state established,related accept",
+            'iifname "tun" oifname "wan" accept',
+        ]))
         conf = self.workdir / "miniupnpd.conf"
-        conf.write_text(
-            "ext_ifname=wan\n"
-            "listening_ip=tun\n"
-            "enable_natpmp=yes\n"
-            "enable_upnp=no\n"
-            "secure_mode=yes\n"
-            "system_uptime=no\n"
-            f"lease_file={self.leases}\n"
-            "clean_ruleset_interval=600\n"
-            f"uuid={uuid.uuid4()}\n"
-            # NAT-PMP clients: the router's tunnel address (doublenat, masqueraded). Every
-            # external port is allowed: with the sample's 1024-65535, a suggestion below
-            # 1024 (Proton's `-a 1 0 udp 60`) makes 2.3.1 walk up from it, one nft lookup
-            # per refused port (about 1 s), and doublenat's retransmissions pile up behind.
-            "allow 1-65535 10.2.0.0/24 1024-65535\n"
-            "deny 0-65535 0.0.0.0/0 0-65535\n"
-        )
+        # NAT-PMP clients: the router's tunnel address (doublenat, masqueraded). Every
+        # external port is allowed: with the sample's 1024-65535, a suggestion below 1024
+        # makes 2.3.1 walk up from it, one nft lookup per refused port (about 1 s), and
+        # doublenat's retransmissions pile up behind.
+        conf.write_text(miniupnpd.config("wan", "tun", "10.2.0.0/24", self.leases,
+                                         external_ports="1-65535"))
         self.spawn("miniupnpd", "vpn",
                    ["miniupnpd", "-f", str(conf), "-d", "-P", str(self.workdir / "mu.pid")])
         self._wait_upstream()

@@ -47,7 +47,7 @@ from doublenat.lab.routeros.faults import FaultKind, FaultSpec, Match
 from doublenat.lab.routeros.wire import encode_sentence
 from doublenat.protocol.natpmp import Proto
 from doublenat.settings import Endpoint
-from tests.faults.test_tls import Pki, make_pki
+from tests.pki import Pki, make_pki
 from tests.probe import probe
 
 MARK = re.compile(r"Q7x[a-z]")

@@ -21,7 +21,6 @@ from doublenat.lab.gateway import (
     MappingEvent,
     Profile,
     RequestKind,
-    Source,
 )
 from doublenat.protocol.natpmp import (
     AddressReply,
@@ -34,6 +33,8 @@ from doublenat.protocol.natpmp import (
     pack_request,
     parse_reply,
 )
+from tests.engine.fakes import FakeClock
+from tests.probe import Probe as BaseProbe
 
 H = bytes.fromhex
 PUBLIC = IPv4Address("11.22.33.44")
@@ -42,58 +43,14 @@ SILENCE = 0.2
 UDP, TCP = Proto.UDP, Proto.TCP
 
 
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
+class Probe(BaseProbe):
+    """The tests' NAT-PMP client, strict: every request asked here must be answered."""
 
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class Probe:
-    """A NAT-PMP client socket, connected like natpmpc, from a chosen 127.x source."""
-
-    def __init__(self, gateway: Source, source_ip: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((source_ip, 0))
-        self.sock.connect(gateway)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.send(data)
-
-    def recv(self, timeout: float = 2.0) -> bytes | None:
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(2048)
-        except TimeoutError:
-            return None
-
-    def raw(self, data: bytes, timeout: float = 2.0) -> bytes | None:
-        self.send(data)
-        return self.recv(timeout)
-
-    def ask(self, request: AddressRequest | MapRequest) -> Reply:
-        data = self.raw(pack_request(request))
+    def ask(self, request: AddressRequest | MapRequest, timeout: float = 2.0) -> Reply:
+        data = self.raw(pack_request(request), timeout)
         assert data is not None, f"no reply to {request}"
         reply = parse_reply(data)
         assert reply is not None, f"undecodable reply {data.hex()}"
-        return reply
-
-    def address(self) -> AddressReply:
-        reply = self.ask(AddressRequest())
-        assert isinstance(reply, AddressReply)
-        return reply
-
-    def map(self, proto: Proto, internal: int, suggested: int, lifetime: int) -> MapReply:
-        reply = self.ask(MapRequest(proto, internal, suggested, lifetime))
-        assert isinstance(reply, MapReply)
-        assert reply.proto is proto
         return reply
 
     def expect_silence(self, request: AddressRequest | MapRequest) -> None:
@@ -245,7 +202,7 @@ def test_sweep_of_versions_and_opcodes_gets_exact_sizes(
             probe.send(data)
             probe.send(sentinel)
             sizes = []
-            while (reply := probe.recv()) != echo:
+            while (reply := probe.receive()) != echo:
                 assert reply is not None
                 sizes.append(len(reply))
             assert sizes == expected, (version, opcode)
@@ -576,7 +533,7 @@ def test_reply_delay(rfc: GatewayEmulator, make_probe: MakeProbe) -> None:
     began = time.monotonic()
     probe.send(H("0000"))
     probe.send(H("0000"))
-    assert probe.recv() is not None and probe.recv() is not None
+    assert probe.receive() is not None and probe.receive() is not None
     assert time.monotonic() - began < 0.28  # one after the other would take 0.30
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from doublenat.cli import SETTINGS, cli
 from doublenat.lab.gateway import GatewayEmulator
 from doublenat.lab.routeros import RouterOsEmulator
 from doublenat.tools.commands import register
+from tests.pki import make_pki
 
 USER = "doublenat"
 PASSWORD = "Pw-0f-The-Router-7c1"  # distinctive, so a leak is found by a substring search
@@ -85,22 +84,9 @@ def invoke() -> Invoke:
 
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 it signed, made with openssl."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("tools-ca")
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=doublenat tools test CA")
-    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+    """A throwaway CA and a certificate for 127.0.0.1 it signed."""
+    pki = make_pki(tmp_path_factory.mktemp("tools-ca"), "tools")
+    return {"ca": pki.ca, "cert": pki.cert, "key": pki.key}
 
 
 @pytest.fixture
