@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from doublenat.daemon import Daemon
+
+
+# Latency samples kept between two stats records: recent ones, and a bounded number, so
+# memory stays flat however busy the daemon is.
+SAMPLES = 4096
+
+
+def samples() -> deque[float]:
+    return deque(maxlen=SAMPLES)
+
+
+def take(kept: deque[float]) -> list[float]:
+    taken = list(kept)
+    kept.clear()
+    return taken
 
 
 def percentile(samples: list[float], fraction: float) -> float | None:
@@ -39,7 +55,7 @@ def collect(daemon: Daemon) -> dict[str, Any]:
         out[f"reconcile_{name}"] = count
     router_stats = getattr(daemon.router, "stats", None)
     if router_stats is not None:
-        samples = router_stats.take_latencies()
+        samples = take(router_stats.latencies)
         out.update(
             router_calls=router_stats.calls,
             router_connects=router_stats.connects,
@@ -52,8 +68,8 @@ def collect(daemon: Daemon) -> dict[str, Any]:
         )
     gateway = daemon.gateway
     latencies = getattr(gateway, "latencies", None)
-    if isinstance(latencies, list):
-        samples, gateway.latencies = latencies, []  # type: ignore[attr-defined]
+    if isinstance(latencies, deque):
+        samples = take(latencies)
         out.update(
             upstream_sent=getattr(gateway, "sent", 0),
             upstream_retransmitted=getattr(gateway, "retransmitted", 0),

@@ -21,6 +21,7 @@ import logging
 import re
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from routeros_api.exceptions import (
     RouterOsApiError,
 )
 
+from doublenat import stats
 from doublenat.engine.contracts import (
     Clock,
     NatRule,
@@ -83,11 +85,7 @@ class RouterStats:
     calls: int = 0
     traps: int = 0
     retries: int = 0
-    latencies: list[float] = field(default_factory=list)  # seconds, drained by the stats log
-
-    def take_latencies(self) -> list[float]:
-        taken, self.latencies = self.latencies, []
-        return taken
+    latencies: deque[float] = field(default_factory=stats.samples)  # seconds
 
 
 class _Transport(Exception):

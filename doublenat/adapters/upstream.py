@@ -16,6 +16,7 @@ from collections.abc import Hashable
 import gevent
 from gevent.event import AsyncResult
 
+from doublenat import stats
 from doublenat.engine.contracts import AddressAnswer, Clock, GatewayError, MapAnswer, monotonic
 from doublenat.engine.locks import KeyedLocks
 from doublenat.protocol.natpmp import (
@@ -50,7 +51,7 @@ class NatPmpClient:
         self.retransmitted = 0
         self.timeouts = 0
         self.ignored = 0
-        self.latencies: list[float] = []
+        self.latencies = stats.samples()
 
     # -------------------------------------------------------------- lifecycle
 

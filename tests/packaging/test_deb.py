@@ -415,6 +415,13 @@ def test_deb_install_run_stop_upgrade_purge(machine: Machine, tmp_path: Path) ->
 
     eventually(stopped_cleanly)
 
+    # ---- the README's check recipe, with the installed command and the env file
+    checked = run(["sh", "-c", "set -a; . /etc/doublenat/doublenat.env; set +a; "
+                   "doublenat check --json"], check=False)
+    report = json.loads(checked.stdout)
+    assert checked.returncode == 0 and report["ok"], checked.stdout + checked.stderr
+    assert API_PASSWORD not in checked.stdout + checked.stderr
+
     # ---- upgrade while running: the new code must run afterwards
     supervisorctl("start", "doublenat")
     wait_answering(listen)
