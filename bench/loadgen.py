@@ -115,6 +115,72 @@ def run_address(target: tuple[str, int], window: int, duration: float, warmup: f
     return _address_windowed(target, window, duration, warmup, echo, timeout, bind)
 
 
+def run_paced(target: tuple[str, int], sources: list[str], rate: float, duration: float,
+              warmup: float, timeout: float = 1.0) -> Result:
+    """Polite clients: opcode 0, one at a time, from `sources` in turn, `rate` per second
+    in all (each source stays far below a per-client rate limit)."""
+    result = Result("paced", 1)
+    socks = []
+    for source in sources:
+        sock = _udp(source)
+        sock.connect(target)
+        sock.settimeout(timeout)
+        socks.append(sock)
+    perf = time.perf_counter
+    latencies: list[float] = []
+    start = perf()
+    measure_from, end = start + warmup, start + warmup + duration
+    interval = 1.0 / rate
+    due = start
+    sent = lost = bad = 0
+    while (now := perf()) < end:
+        if now < due:
+            time.sleep(due - now)
+        due += interval
+        sock = socks[sent % len(socks)]
+        t0 = perf()
+        sock.send(b"\x00\x00")
+        sent += 1
+        try:
+            data = sock.recv(64)
+        except (TimeoutError, ConnectionRefusedError):
+            lost += 1
+            continue
+        if not _address_ok(data, False):
+            bad += 1
+        elif t0 >= measure_from:
+            latencies.append(perf() - t0)
+    for sock in socks:
+        sock.close()
+    result.sent, result.lost, result.bad = sent, lost, bad
+    return result.fill(latencies, duration)
+
+
+def run_flood(target: tuple[str, int], source: str, rate: float, duration: float) -> Result:
+    """One greedy client: mapping requests at `rate` per second, never waiting for replies."""
+    result = Result("flood", 0)
+    sock = _udp(source)
+    sock.setblocking(False)
+    packets = [_REQUEST.pack(0, 2, 0, port, 0, 60) for port in range(1024, 5024)]
+    perf = time.perf_counter
+    start = perf()
+    sent = 0
+    while (now := perf()) - start < duration:
+        while sent < (now - start) * rate:
+            with contextlib.suppress(OSError):
+                sock.sendto(packets[sent % len(packets)], target)
+            sent += 1
+        with contextlib.suppress(OSError):
+            while True:
+                sock.recv(64)  # drain, so the kernel never backs up on our side
+                result.answered += 1
+        time.sleep(0.0005)
+    sock.close()
+    result.sent, result.seconds = sent, perf() - start
+    result.rate = sent / result.seconds
+    return result
+
+
 def _address_ok(data: bytes, echo: bool) -> bool:
     if echo:
         return len(data) == 2
@@ -383,11 +449,20 @@ def main(argv: list[str] | None = None) -> int:
     mapping.add_argument("--count", type=int, required=True)
     mapping.add_argument("--lifetime", type=int, default=3600)
     mapping.add_argument("--proto", choices=("udp", "tcp"), default="udp")
+    paced = sub.add_parser("paced", help="opcode 0 from polite clients at a fixed total rate")
+    paced.add_argument("--sources", default="127.0.0.10-127.0.0.49")
+    paced.add_argument("--rate", type=float, default=1000.0)
+    paced.add_argument("--duration", type=float, default=4.0)
+    paced.add_argument("--warmup", type=float, default=0.5)
+    flood = sub.add_parser("flood", help="mapping requests from one source, not waiting")
+    flood.add_argument("--bind", default="127.0.0.66")
+    flood.add_argument("--rate", type=float, default=10000.0)
+    flood.add_argument("--duration", type=float, default=6.0)
     wait = sub.add_parser("wait", help="until the target answers (and grants a mapping)")
     wait.add_argument("--timeout", type=float, default=20.0)
     wait.add_argument("--mapping", action="store_true")
     wait.add_argument("--bind", default=None, help="source address")
-    for sub_parser in (address, mapping, wait):
+    for sub_parser in (address, mapping, wait, paced, flood):
         sub_parser.add_argument("--target", type=endpoint, required=True, metavar="IP:PORT")
         sub_parser.add_argument("--window", type=int, default=1, help="requests in flight")
         sub_parser.add_argument("--echo", action="store_true",
@@ -401,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "address":
             result = run_address(args.target, args.window, args.duration, args.warmup,
                                  args.echo, bind=args.bind)
+        elif args.mode == "paced":
+            result = run_paced(args.target, address_range(args.sources), args.rate,
+                               args.duration, args.warmup)
+        elif args.mode == "flood":
+            result = run_flood(args.target, args.bind, args.rate, args.duration)
         else:
             result = run_map(args.target, address_range(args.sources), args.first, args.count,
                              args.window, args.lifetime, args.proto, args.echo)

@@ -132,6 +132,18 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         out.append((f"RSS of the daemon with {int(top):,} live mappings "
                     f"({scale['live_at_end']:,} at the end: {_mb(scale['rss_end_kib'])})",
                     _mb(rss[top]), INFO, "≤ 60 MB", _verdict(rss[top] <= 60 * 1024)))
+    flood = results.get("flood")
+    if flood:
+        quiet, flooded = flood["quiet"], flood["flooded"]
+        ratio = flooded["p99_us"] / quiet["p99_us"] if quiet["p99_us"] else float("inf")
+        out.append((
+            f"opcode 0 from 40 polite clients ({flooded['rate']:,.0f}/s in all, 1 in flight), "
+            f"while one client floods {flood['flood']['rate']:,.0f} req/s (rate limit "
+            f"50/s per client; {flood['flood']['answered']:,} of its "
+            f"{flood['flood']['sent']:,} got an answer)",
+            f"{_lat(flooded)}; p99 x{ratio:.2f} of quiet",
+            f"the same clients with no flood: {_lat(quiet)}",
+            "p99 ≤ 2x quiet", _verdict(ratio <= 2.0)))
     shutdown = results.get("shutdown")
     if shutdown:
         seconds = shutdown["seconds"]

@@ -415,6 +415,45 @@ def phase_shutdown(budget: Budget, workdir: Path) -> dict[str, Any]:
         emulators.stop()
 
 
+# ---------------------------------------------------------------------- flood
+
+
+FLOOD_RATE = 10000.0
+POLITE_RATE = 1000.0  # 40 sources at 25/s each: far inside the default limit of 50/s
+
+
+def phase_flood(budget: Budget, workdir: Path) -> dict[str, Any]:
+    """Polite clients' opcode-0 latency, quiet and while one client floods 10,000 req/s.
+
+    doublenat runs with its default per-client rate limit (50/s, burst 100): the point is
+    that the limit, not luck, keeps the others served."""
+    password = procs.new_password()
+    emulators = Emulators(workdir, password)
+    daemon = Doublenat(emulators, password, listen_address(),
+                       settings={"CLIENT_RATE_LIMIT": "50", "CLIENT_RATE_BURST": "100"})
+    seconds = 2.0 if budget.quick else 4.0
+    polite = ["paced", "--target", daemon.listen, "--rate", str(POLITE_RATE),
+              "--duration", str(seconds)]
+    try:
+        daemon.wait_ready()
+        log("flood: polite clients quiet, then while one client floods")
+        quiet = loadgen(*polite)
+        flooder = subprocess.Popen(
+            procs.wrap([procs.PYTHON, "-m", "bench.loadgen", "flood", "--target",
+                        daemon.listen, "--rate", str(FLOOD_RATE),
+                        "--duration", str(seconds + 2)], procs.CLIENT_CPU),
+            stdout=subprocess.PIPE, text=True, env=procs._env(), cwd=procs.ROOT)
+        time.sleep(0.7)
+        flooded = loadgen(*polite)
+        out, _ = flooder.communicate(timeout=60)
+        flood = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+        return {"quiet": quiet, "flooded": flooded, "flood": flood,
+                "daemon_cpu_note": "daemon pinned to CPU 0; both generators on CPU 1"}
+    finally:
+        daemon.kill()
+        emulators.stop()
+
+
 # ---------------------------------------------------------------------- ceiling
 
 
@@ -479,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", type=Path, default=None,
                         help="run the daemon from this checkout (before/after comparisons)")
     parser.add_argument("--only", default=None,
-                        help="comma list of phases to run: opcode0,create,scale,shutdown")
+                        help="comma list of phases to run: "
+                             "opcode0,create,scale,shutdown,flood")
     args = parser.parse_args(argv)
     procs.NICE = args.nice
     if args.tree is not None:
@@ -516,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             results["scale"] = phase_scale(budget, workdir)
         if wanted("shutdown"):
             results["shutdown"] = phase_shutdown(budget, workdir)
+        if wanted("flood"):
+            results["flood"] = phase_flood(budget, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if profiles is not None:
