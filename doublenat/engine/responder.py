@@ -1,6 +1,7 @@
 """From a client's datagram to doublenat's answer: policy, dispatch and the reply bytes.
 
-No sockets here: the UDP front calls `respond(data, source)` and sends what it returns.
+No sockets here: the UDP front asks `admit` (allow-list, rate limit) for every datagram,
+sends what it returns, and hands the rest to a handler greenlet that calls `answer`.
 
 Requests that cannot wait on anything (a malformed datagram, another version, an unknown
 opcode, opcode 0 while the address is cached) are answered by `answer_now` right where
