@@ -1,7 +1,8 @@
 """From a client's datagram to doublenat's answer: policy, dispatch and the reply bytes.
 
-No sockets here: the UDP front asks `admit` (allow-list, rate limit) for every datagram,
-sends what it returns, and hands the rest to a handler greenlet that calls `answer`.
+No sockets here: for every datagram the UDP front asks `admit` (allow-list, rate limit),
+sends at once what `answer_now` can answer, and hands the rest to a handler greenlet,
+which calls `answer`.
 
 Requests that cannot wait on anything (a malformed datagram, another version, an unknown
 opcode, opcode 0 while the address is cached) are answered by `answer_now` right where
