@@ -17,8 +17,8 @@ from doublenat.engine.contracts import RouterError
 from doublenat.settings import SettingError, Settings
 from doublenat.tools import checks
 from doublenat.tools.router import ToolRouter
+from doublenat.tools.rules import ListedRule, format_table, owned_rules
 from doublenat.tools.rules import cleanup as remove_rules
-from doublenat.tools.rules import format_table, owned_rules
 
 FAILED = 1
 
@@ -78,6 +78,16 @@ def _print_json(results: list[checks.CheckResult], settings: Settings | None) ->
     }, indent=2, ensure_ascii=False))
 
 
+def _read_owned(router: ToolRouter, settings: Settings) -> list[ListedRule]:
+    """doublenat's rules, read from the router; a failure ends the command (status 1)."""
+    try:
+        return owned_rules(router.list_rules())
+    except RouterError as exc:
+        click.echo(f"doublenat: cannot read the rules from {settings.api_address}: {exc}",
+                   err=True)
+        sys.exit(FAILED)
+
+
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of rules.")
 @settings_options
@@ -86,11 +96,7 @@ def list_rules(as_json: bool, **values: str | None) -> None:
     settings = _settings(values)
     router = ToolRouter.from_settings(settings)
     try:
-        rules = owned_rules(router.list_rules())
-    except RouterError as exc:
-        click.echo(f"doublenat: cannot read the rules from {settings.api_address}: {exc}",
-                   err=True)
-        sys.exit(FAILED)
+        rules = _read_owned(router, settings)
     finally:
         router.close()
     if as_json:
@@ -122,12 +128,7 @@ def cleanup(dry_run: bool, **values: str | None) -> None:
     settings = _settings(values)
     router = ToolRouter.from_settings(settings)
     try:
-        try:
-            rules = owned_rules(router.list_rules())
-        except RouterError as exc:
-            click.echo(f"doublenat: cannot read the rules from {settings.api_address}: {exc}",
-                       err=True)
-            sys.exit(FAILED)
+        rules = _read_owned(router, settings)
         if not rules:
             click.echo(f"no doublenat rules on {settings.api_address}; nothing to remove")
             return

@@ -47,6 +47,7 @@ from doublenat.lab.routeros.faults import FaultKind, FaultSpec, Match
 from doublenat.lab.routeros.wire import encode_sentence
 from doublenat.protocol.natpmp import Proto
 from doublenat.settings import Endpoint
+from tests.logcapture import attached
 from tests.pki import Pki, make_pki
 from tests.probe import probe
 
@@ -95,14 +96,8 @@ class Capture(logging.Handler):
 
 @pytest.fixture
 def capture() -> Iterator[Capture]:
-    handler = Capture()
-    logger = logging.getLogger("doublenat")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+    with attached(Capture()) as handler:
+        yield handler
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from doublenat.lab.routeros import RouterOsEmulator
 from doublenat.lab.run import LAN_INTERFACE, VPN_INTERFACE, Lab, LabConfig
 from doublenat.protocol.natpmp import Proto, Result
 from doublenat.settings import Endpoint
+from tests.logcapture import attached
 from tests.pki import Pki, make_pki
 from tests.probe import probe
 
@@ -93,14 +94,8 @@ class Records(logging.Handler):
 
 @pytest.fixture
 def records() -> Iterator[Records]:
-    handler = Records()
-    logger = logging.getLogger("doublenat")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+    with attached(Records()) as handler:
+        yield handler
 
 
 def _map(lab: Lab, internal: int) -> tuple[Result, int]:
