@@ -1,4 +1,13 @@
-"""A RouterOS API emulator: wire format, `print` queries, router state, server with faults."""
+"""A RouterOS API emulator: wire format, `print` queries, router state, server with faults.
+
+Where no real transcript was found, its wording is a guess, kept plausible: `missing
+value(s) of argument(s) <x>`, `invalid value for argument <x>`, `invalid internal item
+number`, `input does not match any value of <x>` for bad booleans and choices, the route
+check's no-route answer (`status=unreachable`, no interface), `unknown query operation`,
+`/cancel` of an unknown tag answering only `!done`, and `count-only` sending no `!empty`.
+Not emulated: `/ip/route/print`, `listen`, `move`, out-of-order replies to pipelined
+commands. Duplicate NAT rules are accepted, as on a real router.
+"""
 
 from doublenat.lab.routeros.commands import Command, Outcome, Router
 from doublenat.lab.routeros.faults import Fault, FaultKind, FaultPlan, FaultSpec, Match
