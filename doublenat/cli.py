@@ -81,7 +81,6 @@ SETTINGS: list[Var] = [
     Var("CLIENT_RATE_BURST", "Burst allowed above CLIENT_RATE_LIMIT.", "100", "N"),
     Var("SHUTDOWN_TIMEOUT", "Seconds allowed for the cleanup at shutdown.", "30", "SECONDS"),
 ]
-SECRET_PARAMS = {"mikrotik_api_password"}
 
 
 def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:

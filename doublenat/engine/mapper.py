@@ -35,7 +35,6 @@ from doublenat.engine.contracts import (
     Gateway,
     GatewayError,
     MapAnswer,
-    NatRule,
     NoSuchItem,
     Router,
     RouterError,
@@ -520,11 +519,6 @@ class Mapper:
                 del self.candidates[key]
                 self._drop_candidate(candidate, "mapping.abandoned")
 
-    def next_deadline(self) -> float | None:
-        deadlines = [lease.expires_at for lease in self.leases.values()]
-        deadlines += [c.seen_at + self.config.adopt_grace for c in self.candidates.values()]
-        return min(deadlines, default=None)
-
     # -------------------------------------------------------------- shutdown
 
     def close_all(self) -> int:
@@ -578,9 +572,6 @@ class Mapper:
 
     def locked(self, key: MappingKey) -> AbstractContextManager[None]:
         return self._locks.hold(key)
-
-    def leases_of(self, client: IPv4Address) -> list[Lease]:
-        return [self.leases[k] for k in self.by_client.get(client, ())]
 
     # --------------------------------------------------------------- helpers
 
@@ -744,17 +735,6 @@ class Mapper:
         for name, value in fields.items():
             record[name] = int(value) if isinstance(value, Result) else value
         log.log(level, event.replace(".", " "), extra=record)
-
-    # ------------------------------------------------------------ inspection
-
-    def owned_rule_ids(self) -> set[str]:
-        return {lease.rule_id for lease in self.leases.values()}
-
-    def candidate_from(self, owned: OwnedRule, interface: str) -> Candidate:
-        return Candidate(owned, interface or owned.rule.in_interface, self.clock())
-
-    def rules_by_id(self, rules: Iterable[NatRule]) -> dict[str, NatRule]:
-        return {r.rule_id: r for r in rules}
 
 
 def _granted(answer: MapAnswer) -> bool:

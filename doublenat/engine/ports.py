@@ -60,20 +60,8 @@ class PortBook:
         companion = self._upstream[_OTHER[proto]].get(port)
         return companion is None or companion == client
 
-    def router_owner(self, proto: Proto, port: int) -> IPv4Address | None:
-        return self._router[proto].get(port)
-
     def in_range(self, port: int) -> bool:
         return self.low <= port <= self.high
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "router": sum(len(v) for v in self._router.values()),
-            "upstream": sum(len(v) for v in self._upstream.values()),
-            "foreign": sum(len(v) for v in self._foreign.values()),
-        }
-
-    # ------------------------------------------------------------- allocation
 
     def allocate(
         self,

@@ -15,7 +15,6 @@ class RateLimiter:
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, updated)
         self._next_prune = clock() + _IDLE
-        self.refused = 0
 
     def allow(self, source: str) -> bool:
         now = self.clock()
@@ -23,8 +22,6 @@ class RateLimiter:
         tokens = min(self.burst, tokens + (now - updated) * self.rate)
         allowed = tokens >= 1.0
         self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)
-        if not allowed:
-            self.refused += 1
         if now >= self._next_prune:
             self._prune(now)
         return allowed

@@ -102,7 +102,6 @@ class Report:
     removed: int = 0
     restored: int = 0
     retargeted: int = 0
-    failed: int = 0
 
 
 class Reconciler:
@@ -157,19 +156,19 @@ class Reconciler:
         mapper.router_ready = True
         for owned in the_plan.adopt:
             self._hold(owned)
-            mapper.candidates[owned.key] = mapper.candidate_from(owned, owned.rule.in_interface)
+            mapper.candidates[owned.key] = Candidate(owned, owned.rule.in_interface,
+                                                     mapper.clock())
             report.adopted += 1
             log.info("rule of an earlier run kept for adoption",
                      extra={"event": "rule.adoptable", "rule_id": owned.rule.rule_id,
                             "client": str(owned.key.client), "protocol": owned.key.proto.label,
                             "internal_port": owned.key.internal_port,
                             "router_port": owned.router_port})
+        listed = {r.rule_id for r in rules}
         for key in the_plan.forget_candidates:
             with mapper.locked(key):
                 candidate = mapper.candidates.get(key)
-                if candidate is not None and candidate.owned.rule.rule_id not in {
-                    r.rule_id for r in rules
-                }:
+                if candidate is not None and candidate.owned.rule.rule_id not in listed:
                     del mapper.candidates[key]
                     self._release(candidate.owned)
         for rule_id in the_plan.forget_garbage:

@@ -69,11 +69,6 @@ class Responder:
         value = int(client)
         return any(value & mask == network for network, mask in self._allowed)
 
-    def respond(self, data: bytes, source: tuple[str, int]) -> bytes | None:
-        """The reply to send back to `source`, or None to stay silent."""
-        client = self.admit(source)
-        return None if client is None else self.answer(data, client)
-
     def admit(self, source: tuple[str, int]) -> IPv4Address | None:
         """The client, if this source may be served now (allow-list, rate limit)."""
         host, port = source[0], source[1]

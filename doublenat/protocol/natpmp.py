@@ -19,7 +19,6 @@ from enum import IntEnum
 from ipaddress import IPv4Address
 
 PORT = 5351
-ANNOUNCE_PORT = 5350
 VERSION = 0
 RESPONSE_BIT = 0x80
 U32 = 0xFFFFFFFF
