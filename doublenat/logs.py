@@ -15,10 +15,14 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TextIO
 
-from pythonjsonlogger.json import JsonFormatter
+try:  # python-json-logger 3.1 and later (trixie has 3.3, PyPI 4.x)
+    from pythonjsonlogger.json import JsonFormatter
+except ImportError:  # 2.0 (bookworm's python3-pythonjsonlogger 2.0.1): the same class
+    from pythonjsonlogger.jsonlogger import JsonFormatter  # type: ignore[no-redef]
 
 ROOT = "doublenat"
-_FIELDS = ["timestamp", "levelname", "name", "message"]
+# A %-style format string, not a list of names: 2.0 accepts only the string.
+_FIELDS = "%(timestamp)s %(levelname)s %(name)s %(message)s"
 _RENAMES = {"levelname": "level", "name": "logger", "exc_info": "exception"}
 # routeros-api quotes whole sentences in its errors, /login's password word included.
 _PASSWORD_WORD = re.compile(r"(=password=)[^\s'\",\]]*")
@@ -58,6 +62,15 @@ scrub = Scrubber()
 
 
 class _JsonFormatter(JsonFormatter):
+    def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord,
+                   message_dict: dict[str, Any]) -> None:
+        super().add_fields(log_record, record, message_dict)
+        # python-json-logger 2.0 renames only the format's fields; the traceback arrives
+        # as exc_info. Later versions have renamed it already.
+        for old, new in _RENAMES.items():
+            if old in log_record:
+                log_record[new] = log_record.pop(old)
+
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
 

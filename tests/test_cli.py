@@ -8,16 +8,20 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from doublenat.cli import SETTINGS, _register_extra_commands, cli
+from tests.clirunner import cli_runner
 
-SCRIPT = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "doublenat"
+# The console script next to the interpreter running the tests: the virtualenv's, or the
+# Debian package's /usr/bin/doublenat when the suite runs under a release's python3.
+SCRIPT = Path(sys.executable).with_name("doublenat")
 PASSWORD = "Pa55-w0rd!xyzzy"
 WRONG_PASSWORD = "Wr0ng-pa55word!plugh"
 VALID = {
@@ -53,7 +57,7 @@ def clean_env(**values: str | None) -> dict[str, str | None]:
 
 def serve(*args: str, **env: str | None) -> Result:
     _register_extra_commands()
-    return CliRunner().invoke(cli, ["serve", *args], env=clean_env(**env))
+    return cli_runner().invoke(cli, ["serve", *args], env=clean_env(**env))
 
 
 def stderr_lines(text: str) -> list[str]:
@@ -83,7 +87,7 @@ def test_help_lists_every_setting_with_its_envvar() -> None:
 
 def test_top_level_help_lists_serve() -> None:
     _register_extra_commands()
-    result = CliRunner().invoke(cli, ["--help"], env=clean_env())
+    result = cli_runner().invoke(cli, ["--help"], env=clean_env())
     assert result.exit_code == 0
     assert "serve" in result.output
 
@@ -205,7 +209,7 @@ def emulators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     out = where / "stdout"
     with out.open("w") as stdout, (where / "stderr").open("w") as stderr:
         emulator = subprocess.Popen(
-            [str(SCRIPT.parent / "python"), "-m", "doublenat.lab.standalone",
+            [sys.executable, "-m", "doublenat.lab.standalone",
              "--router", "127.0.0.1:0", "--password-file", str(password_file),
              "--gateway", "127.0.0.1:0", "--route", "127.0.0.1=wg-proton"],
             stdout=stdout, stderr=stderr, env=script_env())

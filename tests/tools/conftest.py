@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from doublenat.cli import SETTINGS, cli
 from doublenat.lab.gateway import GatewayEmulator
 from doublenat.lab.routeros import RouterOsEmulator
 from doublenat.tools.commands import register
+from tests.clirunner import cli_runner
 from tests.pki import make_pki
 
 USER = "doublenat"
@@ -77,7 +78,7 @@ def invoke() -> Invoke:
         # Unset every setting the test does not give, whatever the outer environment holds.
         full: dict[str, str | None] = {var.env: None for var in SETTINGS}
         full.update(env)
-        return CliRunner().invoke(cli, args, env=full, catch_exceptions=False)
+        return cli_runner().invoke(cli, args, env=full, catch_exceptions=False)
 
     return _invoke
 
