@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -123,8 +124,9 @@ def test_maintainer_scripts_are_valid_sh_with_debhelper_marker() -> None:
         subprocess.run(["/bin/sh", "-n", str(script)], check=True)
     subprocess.run(["/bin/sh", "-n", str(WRAPPER)], check=True)
     assert os.access(WRAPPER, os.X_OK)
-    assert os.access(DEBIAN / "rules", os.X_OK)
-    assert os.access(PACKAGING / "build-deb", os.X_OK)
+    for path in (DEBIAN / "rules", PACKAGING / "build-deb", PACKAGING / "fetch-sdist",
+                 PACKAGING / "bin" / "doublenat"):
+        assert os.access(path, os.X_OK), path
 
 
 def test_install_file_sources_exist() -> None:
@@ -145,32 +147,96 @@ def test_changelog_version_is_the_python_version() -> None:
         assert out.stdout.strip() == match.group(1)
 
 
+# setup.cfg's requirements and the Debian packages that provide them; None: carried as a
+# private copy (packaging/vendor.txt), because Debian does not ship it.
+DEBIAN_NAMES = {
+    "gevent": "python3-gevent",
+    "click": "python3-click",
+    "python-json-logger": "python3-pythonjsonlogger",
+    "prometheus-client": "python3-prometheus-client",
+    "routeros-api": None,
+}
+
+
+def install_requires() -> list[Requirement]:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return [Requirement(line) for line in cfg["options"]["install_requires"].strip().splitlines()]
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def binary_depends() -> dict[str, str]:
+    """Depends of the binary package: {name: relation} ("" when unversioned)."""
+    control = (DEBIAN / "control").read_text()
+    binary = control.split("\nPackage: doublenat\n", 1)[1]
+    depends = re.search(r"^Depends:(.*?)^\S", binary, re.M | re.S)
+    assert depends, binary
+    relations = {}
+    for item in depends.group(1).replace("\n", " ").split(","):
+        name, _, version = item.strip().partition(" ")
+        if name:
+            relations[name] = version.strip("()")
+    return relations
+
+
 def test_control_relations() -> None:
     control = (DEBIAN / "control").read_text()
     binary = control.split("\nPackage: doublenat\n", 1)[1]
+    assert re.search(r"^Architecture: all$", binary, re.M)
     assert re.search(r"^Recommends: supervisor$", binary, re.M)
-    depends = re.search(r"^Depends:(.*?)^\S", binary, re.M | re.S)
-    assert depends, binary
-    for relation in ("adduser", "python3 (>= 3.11)", "python3 (<< 3.12)"):
-        assert relation in depends.group(1)
+    depends = binary_depends()
+    assert {"${python3:Depends}", "${misc:Depends}", "adduser"} <= set(depends)
+    # Nothing tied to one python3 minor version: the same file serves 3.11 and 3.13.
+    assert not [d for d in depends if d.startswith("python3.")]
+    assert not [v for v in depends.values() if "<<" in v]
+    assert re.search(r"^X-Python3-Version: >= 3\.11$", control, re.M)
 
 
-def test_requirements_pin_every_dependency_within_setup_cfg() -> None:
-    pins: dict[str, str] = {}
-    for line in (PACKAGING / "requirements.txt").read_text().splitlines():
-        line = line.strip().rstrip("\\").strip()
-        if not line or line.startswith(("#", "-", "--")):
+def test_every_requirement_is_a_debian_dependency_or_a_private_copy() -> None:
+    depends = binary_depends()
+    vendored = vendor_pins()
+    for req in install_requires():
+        name = canonical(req.name)
+        assert name in DEBIAN_NAMES, f"{name}: which Debian package provides it?"
+        debian = DEBIAN_NAMES[name]
+        if debian is None:
+            assert name in vendored, f"{name} is neither a Debian dependency nor vendored"
+            assert req.specifier.contains(vendored[name][0]), (name, vendored[name], req)
             continue
-        req = Requirement(line)
-        (spec,) = req.specifier
-        assert spec.operator == "==", line
-        pins[req.name.lower().replace("_", "-")] = spec.version
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
-    for line in cfg["options"]["install_requires"].strip().splitlines():
-        req = Requirement(line)
-        name = req.name.lower().replace("_", "-")
-        assert name in pins, f"{name} is not pinned in packaging/requirements.txt"
-        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} outside {req}"
-    # gevent's own dependencies are pinned too (hash-checking mode needs all of them).
-    assert {"greenlet", "zope.event", "zope.interface"} <= set(pins)
+        # The same minimum as setup.cfg, so apt refuses what the code was never run on.
+        (minimum,) = [s.version for s in req.specifier if s.operator == ">="]
+        assert depends.get(debian) == f">= {minimum}", (debian, depends.get(debian), req)
+
+
+def vendor_pins() -> dict[str, tuple[str, str]]:
+    pins = {}
+    for line in (PACKAGING / "vendor.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            match = re.match(r"^(\S+)==(\S+) --hash=sha256:([0-9a-f]{64})$", line)
+            assert match, line
+            pins[canonical(match.group(1))] = (match.group(2), match.group(3))
+    return pins
+
+
+def test_copyright_names_the_private_copy_and_its_licence() -> None:
+    copyright_text = (DEBIAN / "copyright").read_text()
+    for name, (version, sha) in vendor_pins().items():
+        assert name in copyright_text and f"release {version}," in copyright_text
+        assert sha in copyright_text, f"debian/copyright does not name {name}'s archive"
+        assert f"Files: vendor/{name}/*" in copyright_text
+    assert "Social WiFi" in copyright_text and "License: MIT" in copyright_text
+
+
+def test_launcher_runs_the_cli_from_its_private_directory(tmp_path: Path) -> None:
+    """packaging/bin/doublenat, with its directory pointed at this tree."""
+    launcher = tmp_path / "doublenat"
+    text = (PACKAGING / "bin" / "doublenat").read_text()
+    assert 'sys.path.insert(0, "/usr/share/doublenat")' in text
+    launcher.write_text(text.replace("/usr/share/doublenat", str(ROOT)))
+    out = subprocess.run([sys.executable, str(launcher), "--version"], capture_output=True,
+                         text=True, check=True, env={**CLEAN_ENV, "HOME": str(tmp_path)},
+                         cwd=tmp_path)
+    assert out.stdout.strip().endswith(doublenat.__version__), out.stdout
