@@ -6,12 +6,27 @@ VENV        ?= .venv
 PYTHON      ?= python3
 PIP         := $(VENV)/bin/pip
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the test suite talks to: real NAT-PMP peers, namespaces, nftables,
-# supervisord, and what building the .deb needs.
-DEB_PACKAGES := natpmpc miniupnpd miniupnpd-nftables nftables iproute2 supervisor \
-                dh-virtualenv debhelper dh-exec python3-venv build-essential
+# Debian packages that build the .deb (`make deb` installs the missing ones).
+BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-setuptools \
+                  python3-wheel build-essential
+# And what the test suite talks to: real NAT-PMP peers, namespaces, nftables, supervisord;
+# lintian; what builds the bookworm and trixie chroots the package is tested in (amd64,
+# and arm64 under qemu); python3-venv for `make venv`.
+DEB_PACKAGES := $(BUILD_PACKAGES) natpmpc miniupnpd miniupnpd-nftables nftables iproute2 \
+                supervisor lintian debootstrap qemu-user-static binfmt-support python3-venv
 
-.PHONY: lab test deps venv lint deb bench fuzz clean
+# Installs only what is missing; the miniupnpd package must not start its service.
+define apt_install
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq \
+			--no-install-recommends $$missing; \
+	fi
+endef
+
+.PHONY: lab test deps venv lint deb deb-matrix chroots bench fuzz clean
 
 lab: venv
 	$(VENV)/bin/doublenat lab
@@ -28,26 +43,33 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
-# Installs only what is missing; the miniupnpd package must not start its service.
 deps:
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages: $$missing"; \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq \
-			--no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(DEB_PACKAGES))
 
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# The Debian package (dh-virtualenv), built in a copy of the tree under build/deb:
+# The Debian package (debhelper + pybuild, Architecture: all), built in a copy of the tree
+# under build/deb:
 #   make deb [DEB_OUT=dist] [DEB_VERSION=0.1.0+snapshot] [DEB_BUILDDIR=build/deb]
-# Needs dh-virtualenv, debhelper and python3-venv (`make deps`); writes dist/doublenat_<version>_<arch>.deb.
+# Installs debhelper, dh-python, pybuild-plugin-pyproject if missing; needs PyPI for the
+# pinned routeros-api archive (packaging/vendor.txt); writes dist/doublenat_<version>_all.deb.
 deb:
+	$(call apt_install,$(BUILD_PACKAGES))
 	packaging/build-deb $(if $(DEB_OUT),--out '$(DEB_OUT)') \
 		$(if $(DEB_VERSION),--version '$(DEB_VERSION)') \
 		$(if $(DEB_BUILDDIR),--builddir '$(DEB_BUILDDIR)')
+
+# Only the package's tests: build, lintian, and the install test on bookworm and trixie,
+# amd64 and arm64 (arm64 under qemu-user-static), with each one's timings; `make test` runs
+# them too. DEB_MATRIX=trixie-arm64,... picks some.
+deb-matrix: deps venv
+	$(VENV)/bin/pytest -q -rP tests/packaging/test_deb.py
+
+# Build (or refresh) the cached Debian chroots the tests use, e.g. CHROOTS=trixie-arm64;
+# all four by default. Cache: $$DOUBLENAT_CHROOT_CACHE (/var/cache/doublenat-chroots).
+chroots: deps venv
+	$(VENV)/bin/python -m tests.packaging.chroots build $(CHROOTS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
