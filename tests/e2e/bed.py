@@ -24,6 +24,12 @@ subnet. Conntrack un-NATs doublenat's replies, so natpmpc sees them come from
 192.168.88.1:5351. doublenat talks to the router's API at 192.168.77.1:8728 and to the
 gateway at 10.2.0.1:5351 through the router.
 
+The NAT-PMP client (natpmpc) and the upstream (miniupnpd) are a Debian release's: the
+host's own, or, for another release, those of its chroot (tests/packaging/chroots.py), run
+in the bed's namespaces with `nsenter --net=/run/netns/NAME chroot ...`: a chroot shares
+the network of the namespace it is entered in. Everything else (doublenat, the emulators,
+the probes) is this checkout's.
+
 Names carry a random suffix (dn-<6 hex>-<role>), every process runs in its own process
 group, and `close()` (also called when `start()` fails half way) kills them, deletes the
 namespaces, and with them every link and nft table of the run.
@@ -49,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from doublenat.lab import miniupnpd
+from tests.packaging.chroots import Instance, Spec, host_arch, host_release
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = str(Path(__file__).with_name("tools.py"))
@@ -186,12 +193,21 @@ class Delivery:
 
 
 class Bed:
-    """The five namespaces and their processes. `upstream` is "miniupnpd" or "proton"."""
+    """The five namespaces and their processes. `upstream` is "miniupnpd" or "proton";
+    `release` whose natpmpc and miniupnpd run (default: the host's)."""
 
-    def __init__(self, upstream: str, workdir: Path, port_mode: str | None = None) -> None:
+    def __init__(self, upstream: str, workdir: Path, port_mode: str | None = None,
+                 release: str | None = None) -> None:
         if upstream not in ("miniupnpd", "proton"):
             raise ValueError(f"unknown upstream {upstream!r}")
         self.upstream = upstream
+        self.release = release or host_release() or "host"
+        # The release's programs come from its chroot unless it is the host's own.
+        self.chroot: Instance | None = None
+        if self.release not in (host_release(), "host"):
+            self.chroot = Instance(Spec(self.release, host_arch()),
+                                   workdir.with_name(workdir.name + "-chroot"),
+                                   binds=[workdir])
         self.port_mode = port_mode or ("external" if upstream == "proton" else "internal")
         self.workdir = workdir
         self.prefix = f"dn-{secrets.token_hex(3)}"
@@ -217,6 +233,8 @@ class Bed:
     def start(self) -> None:
         _LIVE.add(self)
         try:
+            if self.chroot is not None:
+                self.chroot.start()
             self._build_network()
             if self.upstream == "miniupnpd":
                 self._start_miniupnpd()
@@ -243,6 +261,8 @@ class Bed:
         for ns in reversed(self.created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self.created = [ns for ns in self.created if ns in self.namespaces_left()]
+        if self.chroot is not None:
+            self.chroot.close()  # ends what still ran in it, drops its mounts
         _LIVE.discard(self)
 
     def namespaces_left(self) -> list[str]:
@@ -285,7 +305,8 @@ class Bed:
         conf.write_text(miniupnpd.config("wan", "tun", "10.2.0.0/24", self.leases,
                                          external_ports="1-65535"))
         self.spawn("miniupnpd", "vpn",
-                   ["miniupnpd", "-f", str(conf), "-d", "-P", str(self.workdir / "mu.pid")])
+                   ["miniupnpd", "-f", str(conf), "-d", "-P", str(self.workdir / "mu.pid")],
+                   release_program=True)
         self._wait_upstream()
 
     def _start_gateway_emulator(self) -> None:
@@ -370,6 +391,13 @@ class Bed:
         if done.returncode != 0:
             raise BedError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
+    def _command(self, role: str, argv: list[str], release_program: bool) -> list[str]:
+        """The command line running `argv` in `role`'s namespace; a release program (natpmpc,
+        miniupnpd) from the release's chroot when the bed has one."""
+        if release_program and self.chroot is not None:
+            return self.chroot.command(argv, network=f"/run/netns/{self.ns[role]}")
+        return ["ip", "netns", "exec", self.ns[role], *argv]
+
     def run(
         self,
         role: str,
@@ -378,8 +406,9 @@ class Bed:
         timeout: float = 30.0,
         check: bool = True,
         stdin: str | None = None,
+        release_program: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        command = ["ip", "netns", "exec", self.ns[role], *argv]
+        command = self._command(role, argv, release_program)
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                                   input=stdin, cwd=REPO, check=False)
@@ -391,13 +420,13 @@ class Bed:
         return done
 
     def spawn(self, name: str, role: str, argv: list[str],
-              env: dict[str, str] | None = None) -> Proc:
+              env: dict[str, str] | None = None, release_program: bool = False) -> Proc:
         self._spawned += 1
         out = self.workdir / f"{name}.out"
         err = self.workdir / f"{name}.err"
         with out.open("wb") as stdout, err.open("wb") as stderr:
             popen = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns[role], *argv],
+                self._command(role, argv, release_program),
                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                 start_new_session=True, cwd=REPO, env=env,
             )
@@ -440,9 +469,9 @@ class Bed:
     # ------------------------------------------------------------------ clients
 
     def natpmpc(self, *args: str, timeout: float = 40.0) -> Natpmpc:
-        """Debian's natpmpc in the LAN, with -g the router's LAN address."""
+        """The release's natpmpc in the LAN, with -g the router's LAN address."""
         done = self.run("lan", ["natpmpc", "-g", ROUTER_LAN, *args], timeout=timeout,
-                        check=False)
+                        check=False, release_program=True)
         output = done.stdout + done.stderr
         public = _PUBLIC.search(output)
         return Natpmpc(
@@ -553,7 +582,9 @@ class Bed:
 
     def diagnostics(self) -> str:
         """Logs and tables, for a failure report."""
-        parts = [f"=== bed {self.prefix} ({self.upstream}, {self.port_mode} mode) ==="]
+        parts = [f"=== bed {self.prefix} ({self.upstream}, {self.port_mode} mode, "
+                 f"{self.release}'s natpmpc{' and miniupnpd' * (self.upstream == 'miniupnpd')}"
+                 ") ==="]
         for proc in self.procs.values():
             tail = proc.tail(80 if proc.name.startswith("doublenat") else 30)
             if tail:
