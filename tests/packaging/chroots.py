@@ -279,6 +279,9 @@ def build(spec: Spec, log: IO[str] | None = None) -> Path:
         raise ChrootError(f"missing {', '.join(missing)} (run `make deps`)")
     ensure_binfmt(spec.arch)
     CACHE.mkdir(parents=True, exist_ok=True)
+    # Left by a build that was killed: whoever builds holds the lock, so it is dead.
+    for stale in CACHE.glob(f".build-{spec.key}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".build-{spec.key}-", dir=CACHE))
     out = log or sys.stdout
     started = time.time()
@@ -425,8 +428,9 @@ class Instance:
         assert self.holder.stdout is not None
         line = self.holder.stdout.readline()
         if line.strip() != "ready":
-            self.close()
+            self.holder.kill()
             err = self.holder.stderr.read() if self.holder.stderr else ""
+            self.close()
             raise ChrootError(f"the {self.spec.name} instance did not start: {line}{err}")
         self.pid = self._holder_pid()
 

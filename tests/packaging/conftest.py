@@ -78,12 +78,6 @@ class Prepared:
                 continue
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "prepare(task): a background preparation the test waits for "
-        "(deb, chroot:RELEASE-ARCH, suite:RELEASE; see tests/packaging/conftest.py)")
-
-
 def _tools_present() -> bool:
     return all(shutil.which(t) for t in ("debootstrap", "unshare", "nsenter", "make",
                                          "dpkg-buildpackage"))

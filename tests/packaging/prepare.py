@@ -137,7 +137,7 @@ def tree_files() -> list[str]:
 def run_suite(state: Path, release: str, deb: Path, log: Any) -> dict[str, Any]:
     """The suites under the release's python3 and Debian's libraries, which the package's
     dependencies pull in; routeros-api is the package's private copy."""
-    spec = Spec(release, "amd64")
+    spec = Spec(release, chroots.host_arch())
     workdir = state / f"suite-{release}"
     with Instance(spec, workdir, own_network=True) as instance:
         instance.copy_in(deb, f"/root/{deb.name}")
@@ -226,8 +226,9 @@ class Runner:
         def body(log: Any) -> dict[str, Any]:
             if not self.ok("deb"):
                 raise TaskFailed("the package did not build")
-            if not self.ok(f"chroot:{release}-amd64"):
-                raise TaskFailed(f"the {release}-amd64 chroot was not built")
+            native = f"{release}-{chroots.host_arch()}"
+            if not self.ok(f"chroot:{native}"):
+                raise TaskFailed(f"the {native} chroot was not built")
             deb = Path(self.results["deb"]["old"])
             return run_suite(self.state, release, deb, log)
 
@@ -236,7 +237,7 @@ class Runner:
 
 def plan(chroot_names: Sequence[str], suites: Sequence[str]) -> tuple[list[str], list[str]]:
     """(main lane, foreign lane) of chroot names, in build order."""
-    wanted = set(chroot_names) | {f"{r}-amd64" for r in suites}
+    wanted = set(chroot_names) | {f"{r}-{chroots.host_arch()}" for r in suites}
     native = [n for n in wanted if Spec.parse(n).arch == chroots.host_arch()]
     foreign = [n for n in wanted if n not in native]
     # Native: trixie first, the end-to-end bed early in the session waits for it. Foreign:
