@@ -11,9 +11,11 @@ BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-setuptool
                   python3-wheel build-essential
 # And what the test suite talks to: real NAT-PMP peers, namespaces, nftables, supervisord;
 # lintian; what builds the bookworm and trixie chroots the package is tested in (amd64,
-# and arm64 under qemu); python3-venv for `make venv`.
+# and arm64 under qemu); dh-virtualenv to build the first package, for the test of the
+# upgrade from it; python3-venv for `make venv` and dh-virtualenv.
 DEB_PACKAGES := $(BUILD_PACKAGES) natpmpc miniupnpd miniupnpd-nftables nftables iproute2 \
-                supervisor lintian debootstrap qemu-user-static binfmt-support python3-venv
+                supervisor lintian debootstrap qemu-user-static binfmt-support dh-virtualenv \
+                python3-venv
 
 # Installs only what is missing; the miniupnpd package must not start its service.
 define apt_install

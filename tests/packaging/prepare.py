@@ -3,6 +3,8 @@ runs (tests/packaging/conftest.py starts this once pytest knows which tests it w
 
     deb            `make deb` twice: the tree's version, and the same tree as a newer version
                    (for the upgrade); into STATE/deb/old and STATE/deb/new
+    olddeb         the first package (dh-virtualenv), built from its commit, for the test
+                   of the upgrade from it
     chroot:R-A     the cached chroot of release R, architecture A (tests.packaging.chroots)
     suite:R        the unit and integration suites under release R's python3, in an amd64
                    instance of its chroot where the package was installed with apt
@@ -50,6 +52,8 @@ SUITE_ARGS = ("tests", "--ignore=tests/e2e", "--ignore=tests/packaging",
               "--deselect=tests/integration/test_lab_command.py")
 SUITE_TIMEOUT = 1800
 DEB_TIMEOUT = 600
+# The last commit of main whose package was the dh-virtualenv one: what users run today.
+VENV_PACKAGE_COMMIT = "ff38fd99b3183152a65d3f8eaf774c1fdcd50cff"
 
 
 class TaskFailed(RuntimeError):
@@ -123,6 +127,26 @@ def build_debs(state: Path, log: Any) -> dict[str, Any]:
         (deb,) = (state / "deb" / name).glob("doublenat_*.deb")
         result[name] = str(deb)
     return result
+
+
+def build_old_deb(state: Path, log: Any) -> dict[str, Any]:
+    """The first package, with its own build script, from a clean export of its commit."""
+    source = state / "olddeb-src"
+    source.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", VENV_PACKAGE_COMMIT],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise TaskFailed(f"git archive {VENV_PACKAGE_COMMIT} failed (a shallow clone?): "
+                         f"{archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    out = state / "olddeb"
+    done = subprocess.run([str(source / "packaging" / "build-deb"), "--out", str(out),
+                           "--builddir", str(state / "olddeb-build")], stdout=log,
+                          stderr=subprocess.STDOUT, timeout=DEB_TIMEOUT, check=False)
+    if done.returncode != 0:
+        raise TaskFailed(f"the first package's build-deb exited {done.returncode}")
+    (deb,) = out.glob("doublenat_*.deb")
+    return {"deb": str(deb)}
 
 
 def tree_files() -> list[str]:
@@ -251,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.packaging.prepare")
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--deb", action="store_true")
+    parser.add_argument("--olddeb", action="store_true")
     parser.add_argument("--chroot", action="append", default=[], metavar="RELEASE-ARCH")
     parser.add_argument("--suite", action="append", default=[], metavar="RELEASE")
     args = parser.parse_args(argv)
@@ -265,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def main_lane() -> None:
         if deb:
             runner.run("deb", lambda log: build_debs(args.state, log))
+        if args.olddeb:
+            runner.run("olddeb", lambda log: build_old_deb(args.state, log))
         suite_threads = []
         for name in native:
             runner.chroot(name)

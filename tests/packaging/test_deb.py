@@ -251,6 +251,19 @@ class Target:
         ready = json.loads(line)
         self.router, self.gateway = ready["router"], ready["gateway"]
 
+    def configure(self) -> None:
+        """The emulators, and the env file filled in to use them, as an operator edits it."""
+        self.start_emulators()
+        with self.file(ENV_FILE).open("a") as env:
+            env.write("\n# --- written by tests/packaging/test_deb.py\n"
+                      f"VPN_GATEWAY={self.gateway}\n"
+                      f"MIKROTIK_API_ADDRESS={self.router}\n"
+                      f"MIKROTIK_API_USER={API_USER}\n"
+                      f"MIKROTIK_API_PASSWORD={shlex.quote(API_PASSWORD)}\n"
+                      f"LISTEN_ADDR={LISTEN}:5351\n"
+                      "ALLOWED_CLIENTS=127.0.0.0/8\n"
+                      "LOG_LEVEL=DEBUG\n")
+
     def stop_all(self) -> None:
         if self.supervisord is not None and self.supervisord.poll() is None:
             self.supervisorctl("shutdown", check=False)
@@ -380,16 +393,7 @@ def test_install_configure_run_stop_upgrade_purge(target: Target,
     assert compiled.is_file(), f"no {compiled.name}"
 
     # ---- configure: the emulators, and the env file pointing at them
-    box.start_emulators()
-    with box.file(ENV_FILE).open("a") as env:
-        env.write("\n# --- written by tests/packaging/test_deb.py\n"
-                  f"VPN_GATEWAY={box.gateway}\n"
-                  f"MIKROTIK_API_ADDRESS={box.router}\n"
-                  f"MIKROTIK_API_USER={API_USER}\n"
-                  f"MIKROTIK_API_PASSWORD={shlex.quote(API_PASSWORD)}\n"
-                  f"LISTEN_ADDR={LISTEN}:5351\n"
-                  "ALLOWED_CLIENTS=127.0.0.0/8\n"
-                  "LOG_LEVEL=DEBUG\n")
+    box.configure()
 
     # ---- start, as the README says; ready = serving, not RUNNING
     box.supervisorctl("update", "doublenat")
@@ -503,4 +507,63 @@ def test_install_configure_run_stop_upgrade_purge(target: Target,
                  "/usr/share/python3/runtime.d/doublenat.rtupdate", "/usr/share/doc/doublenat"):
         assert not box.file(path).exists() and not box.file(path).is_symlink(), \
             f"purge left {path}"
+    print(f"timings (s): {box.timings}")
+
+
+@pytest.mark.prepare("olddeb")
+@pytest.mark.parametrize("target", [
+    pytest.param(("bookworm", "amd64"), id="bookworm-amd64",
+                 marks=[pytest.mark.prepare("chroot:bookworm-amd64")])], indirect=True)
+def test_upgrade_from_the_virtualenv_package(target: Target, debs: dict[str, Any],
+                                             prepared: Prepared) -> None:
+    """Today's users run the first package (dh-virtualenv in /opt/venvs, bookworm amd64
+    only): `apt-get install` of this one must take over the running daemon and its
+    configuration, and leave nothing of the old layout."""
+    box = target
+    old = Path(prepared.wait("olddeb", timeout=900)["deb"])
+    new, new_version = Path(debs["new"]), debs["versions"]["new"]
+    assert old.name.endswith("_amd64.deb")
+    box.instance.copy_in(old, f"/root/{old.name}")
+    box.instance.copy_in(new, f"/root/{new.name}")
+    box.start_supervisord()
+    box.install(old.name)
+    assert box.file("/opt/venvs/doublenat/bin/python3").exists()
+    box.configure()
+    box.supervisorctl("update", "doublenat")
+    box.wait_serving(1)
+    box.map("udp", 40001)
+    old_pid = box.daemon_pid()
+    box.run("doublenat", "--version")  # as root, as an operator runs it
+    box.lap("old package running")
+
+    box.install(new.name)
+    box.lap("upgrade")
+    box.wait_serving(2)
+    assert box.daemon_pid() not in (0, old_pid), "the upgrade did not restart the daemon"
+    arch = box.run("dpkg-query", "-W", "-f=${Architecture} ${Version}", "doublenat").stdout
+    assert arch == f"all {new_version}", arch
+    assert box.run("doublenat", "--version").stdout.strip().endswith(new_version)
+    # Nothing of the old layout is left.
+    assert not box.file("/opt/venvs").exists(), "the upgrade left /opt/venvs"
+    assert not box.file("/usr/bin/doublenat").is_symlink()
+    # The operator's configuration stays, with its permissions.
+    assert f"MIKROTIK_API_ADDRESS={box.router}" in box.file(ENV_FILE).read_text()
+    mode = box.run("stat", "-c", "%a %U %G", ENV_FILE).stdout.split()
+    assert mode == ["640", "root", "doublenat"], mode
+
+    def handed_over() -> None:
+        records = box.log_lines()
+        stops = [r for r in records if r["message"] == "doublenat stopped"]
+        assert len(stops) == 1 and stops[0]["left_behind"] == 0, stops
+        served = [r for r in records if r["message"] == "doublenat serving NAT-PMP"]
+        assert served[-1]["version"] == new_version, served
+
+    eventually(handed_over, 20 * SLOWER[box.spec.arch])
+    box.map("tcp", 40002)
+    assert [r["to_ports"] for r in box.rules()] == ["40002"]
+
+    box.apt("purge", "doublenat")
+    assert box.rules() == [] and not box.package_state()
+    for path in ("/etc/doublenat", "/usr/share/doublenat", "/opt/venvs", "/var/log/doublenat"):
+        assert not box.file(path).exists(), f"purge left {path}"
     print(f"timings (s): {box.timings}")
