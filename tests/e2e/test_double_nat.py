@@ -1,10 +1,11 @@
 """Inbound traffic reaches a LAN client through both NATs: proved with packets.
 
-Every test runs twice: against Debian's miniupnpd (doublenat in `internal` mode: the
-gateway delivers to the router port doublenat asked for) and against the lab's gateway
-emulator in `proton` profile (`external` mode: it delivers to the port it granted). The
-client is Debian's natpmpc in the LAN, asking the router's LAN address; the sender is a
-host on the internet side of the gateway, sending to the gateway's public address.
+Every test runs against Debian's miniupnpd (doublenat in `internal` mode: the gateway
+delivers to the router port doublenat asked for) and against the lab's gateway emulator in
+`proton` profile (`external` mode: it delivers to the port it granted), each with the
+natpmpc and miniupnpd of bookworm and of trixie (tests/e2e/conftest.py). The client is
+Debian's natpmpc in the LAN, asking the router's LAN address; the sender is a host on the
+internet side of the gateway, sending to the gateway's public address.
 """
 
 from __future__ import annotations

@@ -444,7 +444,8 @@ def test_install_configure_run_stop_upgrade_purge(target: Target,
 
     def stopped_cleanly() -> None:
         assert "stopped: doublenat (exit status 0)" in box.supervisord_log()
-        assert box.log_lines()[-1]["message"] == "doublenat stopped"
+        last = box.log_lines()[-1]
+        assert last["message"] == "doublenat stopped" and last["left_behind"] == 0, last
 
     eventually(stopped_cleanly, 20 * SLOWER[box.spec.arch])
 
@@ -501,6 +502,7 @@ def test_install_configure_run_stop_upgrade_purge(target: Target,
     eventually(purge_stopped_cleanly, 20 * SLOWER[box.spec.arch])
     status = box.supervisorctl("status", "doublenat", check=False)
     assert "no such process" in status.stdout.lower(), status
+    assert box.daemon_pid() == 0, "a doublenat process outlived the purge"
     assert not box.getent("passwd", "doublenat") and not box.getent("group", "doublenat")
     for path in ("/etc/doublenat", PROGRAM_FILE, "/usr/share/doublenat", "/usr/bin/doublenat",
                  "/usr/sbin/doublenat-supervised", "/var/log/doublenat",
