@@ -52,7 +52,7 @@ SUITE_ARGS = ("tests", "--ignore=tests/e2e", "--ignore=tests/packaging",
               "--deselect=tests/integration/test_lab_command.py")
 SUITE_TIMEOUT = 1800
 DEB_TIMEOUT = 600
-# The last commit of main whose package was the dh-virtualenv one: what users run today.
+# A commit of main whose package is the first one (dh-virtualenv), which users run today.
 VENV_PACKAGE_COMMIT = "ff38fd99b3183152a65d3f8eaf774c1fdcd50cff"
 
 
