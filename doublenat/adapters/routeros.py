@@ -235,6 +235,28 @@ class RouterOsClient:
         """Before this monotonic time a new connection attempt is not worth making."""
         return self._down_until
 
+    # ---------------------------------------------------- for the operator tools
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The context the API connections use (None without TLS)."""
+        return self._ssl_context
+
+    def read(self, path: str, verb: str = "print",
+             words: dict[str, str | None] | None = None,
+             queries: dict[str, str] | None = None) -> list[Row]:
+        """Any read-only command; retried once if a pooled connection turned out dead."""
+        return self._rows(path, verb, dict(words or {}), queries)
+
+    def add_once(self, path: str, words: dict[str, str]) -> RuleRef:
+        """`add` without any retry (the caller cleans up by comment); returns the new id."""
+
+        def run(api: Any, session: int) -> RuleRef:
+            response = api.get_resource(path).call("add", dict(words))
+            return RuleRef(str(response.done_message["ret"]), session)
+
+        return self._call_or_raise(run)
+
     def close(self) -> None:
         self.closed = True
         while True:
