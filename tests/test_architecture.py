@@ -39,7 +39,7 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     def visit(node: str, path: list[str]) -> None:
         for target in sorted(graph[node]):
             if target in path:
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append([*path[path.index(target):], target])
             elif target not in seen:
                 seen.add(target)
                 visit(target, [*path, target])
