@@ -44,6 +44,7 @@ from doublenat.engine.contracts import (
     NatRule,
     NoSuchItem,
     NotPermitted,
+    NotSent,
     RouterTrap,
     RouterUnavailable,
     Row,
@@ -103,11 +104,16 @@ class RouterStats:
 
 
 class _Transport(Exception):
-    """A call failed below the API level; `reused` says the connection had worked before."""
+    """A call failed below the API level; `reused` says the connection had worked before,
+    `sent` that the command itself had been handed to the connection."""
 
-    def __init__(self, message: str, reused: bool) -> None:
+    def __init__(self, message: str, reused: bool, sent: bool) -> None:
         super().__init__(message)
         self.reused = reused
+        self.sent = sent
+
+    def unavailable(self) -> RouterUnavailable:
+        return RouterUnavailable(str(self)) if self.sent else NotSent(str(self))
 
 
 class RouterOsClient:
@@ -188,8 +194,15 @@ class RouterOsClient:
         try:
             return self._call(add)
         except _Transport as failed:
+            if not failed.sent:
+                raise failed.unavailable() from None
             # The add may have been applied before the connection broke: look first.
-            existing = self.find_rules(spec.comment)
+            try:
+                existing = self.find_rules(spec.comment)
+            except RouterUnavailable as exc:
+                # The add was sent: whether it took effect is unknown, whatever stops the
+                # lookup.
+                raise RouterUnavailable(f"{failed}; then {exc}") from None
             if existing:
                 return existing[0].ref
             if not failed.reused:
@@ -289,7 +302,7 @@ class RouterOsClient:
             return self._call(work, session)
         except _Transport as failed:
             if not failed.reused:
-                raise RouterUnavailable(str(failed)) from None
+                raise failed.unavailable() from None
             self.stats.retries += 1
             return self._call_or_raise(work, session)
 
@@ -297,7 +310,7 @@ class RouterOsClient:
         try:
             return self._call(work, session)
         except _Transport as failed:
-            raise RouterUnavailable(str(failed)) from None
+            raise failed.unavailable() from None
 
     def _call(self, work: Work[T], session: int | None = None) -> T:
         """Run `work(api, session)` on a pooled connection. With `session`, the command
@@ -306,7 +319,7 @@ class RouterOsClient:
         try:
             connection = self._queue.get(timeout=self.timeout)
         except Empty:
-            raise RouterUnavailable(
+            raise NotSent(
                 f"all {self.size} API connections stayed busy for {self.timeout:g} s"
             ) from None
         finally:
@@ -314,6 +327,7 @@ class RouterOsClient:
         reused = connection.api is not None
         started = self._clock()
         in_step = False  # is the connection known to be between two sentences?
+        sent = False
         try:
             with gevent.Timeout(self.timeout, _Deadline):
                 if connection.api is None:
@@ -322,6 +336,7 @@ class RouterOsClient:
                     in_step = True
                     raise StaleSession(
                         f"rule id from router session {session}, now {connection.session}")
+                sent = True
                 result = work(connection.api, connection.session)
             in_step = True
         except RouterOsApiCommunicationError as exc:
@@ -336,7 +351,7 @@ class RouterOsClient:
                 IndexError) as exc:
             self.stats.discarded += 1
             self._suspect = True  # the router may restart while we cannot see it
-            raise _Transport(self._describe(exc), reused) from None
+            raise _Transport(self._describe(exc), reused, sent) from None
         finally:
             if not in_step:
                 connection.discard()  # whatever broke it (a caller's timeout included)
@@ -356,7 +371,7 @@ class RouterOsClient:
     def _connect(self, connection: _Connection) -> None:
         now = self._clock()
         if now < self._down_until:
-            raise RouterUnavailable(
+            raise NotSent(
                 f"router {self.address} unreachable; next attempt in "
                 f"{self._down_until - now:.1f} s"
             )
@@ -374,7 +389,7 @@ class RouterOsClient:
         except RouterOsApiCommunicationError as exc:
             api_pool.disconnect()
             self._connect_failed()
-            raise RouterUnavailable(
+            raise NotSent(
                 f"login to {self.address} as {self._user!r} failed: "
                 f"{self._redact(exc.original_message)}"
             ) from None
@@ -382,7 +397,7 @@ class RouterOsClient:
             api_pool.disconnect()
             if isinstance(exc, Exception | _Deadline):
                 self._connect_failed()
-                raise RouterUnavailable(
+                raise NotSent(
                     f"cannot connect to {self.address}: {self._describe(exc)}"
                 ) from None
             raise

@@ -40,6 +40,7 @@ from doublenat.engine.contracts import (
     GatewayError,
     InvalidValue,
     MapAnswer,
+    NotSent,
     Router,
     RouterError,
     RouterUnavailable,
@@ -243,6 +244,11 @@ class Mapper:
             self.table.unsynchronised(f"the router refused the rule: {exc}")
             self._router_wanted()
             self._failed(key, "router-refused", f"router refused the rule: {exc}",
+                         spec.dst_port)
+            return _FAILED
+        except NotSent as exc:
+            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
+            self._failed(key, "router-unreachable", f"router unreachable: {exc}",
                          spec.dst_port)
             return _FAILED
         except RouterUnavailable as exc:
@@ -779,7 +785,10 @@ class Mapper:
             level = logging.DEBUG
         if not log.isEnabledFor(level):
             return
-        log.log(level, event.replace(".", " "), extra=mapping_fields(event, key, lease, fields))
+        record = mapping_fields(event, key, lease, fields)
+        if reason_code is not None:
+            record["reason_code"] = reason_code
+        log.log(level, event.replace(".", " "), extra=record)
 
 
 def mapping_fields(event: str, key: MappingKey | None, lease: Lease | None,
