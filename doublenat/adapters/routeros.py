@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 import ssl
 from collections import deque
@@ -46,6 +45,7 @@ from doublenat.engine.contracts import (
     RuleSpec,
     monotonic,
 )
+from doublenat.redact import Redactor
 from doublenat.settings import Endpoint, Settings
 
 log = logging.getLogger("doublenat.router")
@@ -56,6 +56,7 @@ _PROPLIST = ".id,chain,protocol,in-interface,dst-port,to-addresses,to-ports,comm
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
 _END_OF_SENTENCE = b"\x00"  # the empty word, as routeros-api writes it
 _READ_SIZE = 65536
+ANONYMOUS_DH_CIPHERS = "ALL:ADH:@SECLEVEL=0"
 
 
 class _Deadline(Exception):
@@ -113,6 +114,7 @@ class RouterOsClient:
         self.address = address
         self._user = user
         self._password = password
+        self._redact = Redactor((password,))
         self.timeout = timeout
         self.size = size
         self._clock = clock
@@ -358,21 +360,6 @@ class RouterOsClient:
                         for a in exc.args) or type(exc).__name__
         return self._redact(f"{type(exc).__name__}: {text}")
 
-    def _redact(self, text: str | bytes) -> str:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        if self._password:
-            # The whole secret first (raw and as str/bytes repr), so a password with spaces
-            # or quotes is not cut short by the word pattern below. repr() escapes a ' only
-            # when it quotes with ', which a " elsewhere in the same value decides: both.
-            pw = self._password
-            forms = {pw, repr(pw)[1:-1], repr(pw + '"')[1:-2], repr(pw.encode())[2:-1],
-                     repr(pw.encode() + b'"')[2:-2]}
-            for form in sorted(forms, key=len, reverse=True):
-                text = text.replace(form, "***")
-        return re.sub(r"=password=[^\s'\"]*", "=password=***", text)
-
-
 class _SentenceIO:
     """One write per sentence and buffered reads, on one connection's socket wrapper.
 
@@ -435,9 +422,10 @@ def _tls_context(ca: Path | None, verify: bool) -> ssl.SSLContext:
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        with contextlib.suppress(ssl.SSLError):
-            # RouterOS's api-ssl without a certificate offers only anonymous DH.
-            context.set_ciphers("DEFAULT:ADH:@SECLEVEL=0")
+        # RouterOS's api-ssl without a certificate offers only anonymous-DH suites. OpenSSL
+        # 3's DEFAULT removes those for good ("!aNULL"), so "DEFAULT:ADH" enables none;
+        # ALL keeps them (mktxp fixed the same bug: its PR #263). SECLEVEL 0 allows them.
+        context.set_ciphers(ANONYMOUS_DH_CIPHERS)
         log.warning("MIKROTIK_API_TLS_VERIFY=false: the router's certificate is not checked",
                     extra={"event": "tls.unverified"})
     return context

@@ -16,7 +16,7 @@ What it proves:
 - `doublenat serve --help` and `doublenat --help` do not show it when it is set (directly
   or through MIKROTIK_API_PASSWORD_FILE), nor does the error for another bad setting;
 - the log scrubber masks a password however repr() quoted the text around it (the fix
-  made here, see `doublenat.logs.Scrubber.add`).
+  made here, see `doublenat.redact.Redactor`).
 """
 
 from __future__ import annotations
