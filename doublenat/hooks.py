@@ -5,10 +5,10 @@ The engine emits a `MappingChange` for every created, changed and deleted mappin
 
 Design choices:
 
-- **No shell.** HOOK_COMMAND is split like a POSIX shell would split words (`shlex`), so
-  a path with spaces needs quotes and arguments may follow, but nothing is expanded and no
-  shell runs. The program is checked at startup (`check_hook_command`): it must be an
-  absolute path or a name found on the hook's PATH, a regular file, and executable.
+- **No shell.** HOOK_COMMAND is the absolute path of one executable file, run with no
+  arguments, no shell and no PATH lookup (doublenat.settings.parse_executable, the rule
+  the settings check at startup; `check_hook_command` applies the same). A hook that needs
+  arguments or a configuration file of its own is a two-line wrapper script.
 - **Environment.** Only `PATH`, `LANG` (the daemon's own, or defaults) and the
   `DOUBLENAT_*` variables of the event: `DOUBLENAT_EVENT` (created/changed/deleted),
   `DOUBLENAT_PROTOCOL` (tcp/udp), `DOUBLENAT_CLIENT`, `DOUBLENAT_INTERNAL_PORT`,
@@ -49,8 +49,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shlex
-import shutil
 import signal
 import time
 from collections import deque
@@ -66,7 +64,7 @@ from gevent.queue import Queue
 
 from doublenat.engine.events import ChangeKind, MappingChange
 from doublenat.protocol.natpmp import Proto
-from doublenat.settings import SettingError
+from doublenat.settings import SettingError, parse_executable
 
 log = logging.getLogger(__name__)
 
@@ -85,38 +83,16 @@ HookKey = tuple[Proto, str, int]
 Clock = Callable[[], float]
 
 
-def check_hook_command(command: str, path: str | None = None) -> tuple[str, ...]:
-    """The argv HOOK_COMMAND stands for, its program resolved to an absolute path.
+def check_hook_command(command: str | os.PathLike[str]) -> Path:
+    """HOOK_COMMAND's program, checked now: an absolute path to an executable file.
 
-    Raises SettingError naming HOOK_COMMAND when it is empty, badly quoted, or its program
-    is missing, not a regular file, or not executable. `path` is the PATH a bare name is
-    looked up in (default: the hook's PATH).
+    Raises SettingError naming HOOK_COMMAND otherwise (the settings' own rule, so the
+    daemon and the runner never disagree on what a valid hook is).
     """
-    try:
-        argv = shlex.split(command)
-    except ValueError as exc:
-        raise SettingError(VARIABLE, f"cannot split {command!r}: {exc}") from None
-    if not argv:
+    text = os.fspath(command)
+    if not text:
         raise SettingError(VARIABLE, "is empty")
-    program = argv[0]
-    if "/" in program:
-        if not program.startswith("/"):
-            raise SettingError(VARIABLE, f"{program!r} must be an absolute path or a "
-                                         "name found on PATH")
-        where = Path(program)
-    else:
-        found = shutil.which(program, path=path or _hook_path())
-        if found is None:
-            raise SettingError(VARIABLE, f"{program!r} is not found on PATH "
-                                         f"({path or _hook_path()})")
-        where = Path(found)
-    if not where.exists():
-        raise SettingError(VARIABLE, f"{where} does not exist")
-    if not where.is_file():
-        raise SettingError(VARIABLE, f"{where} is not a regular file")
-    if not os.access(where, os.X_OK):
-        raise SettingError(VARIABLE, f"{where} is not executable")
-    return (str(where), *argv[1:])
+    return parse_executable(VARIABLE, text)
 
 
 def hook_environment(change: MappingChange, path: str, lang: str) -> dict[str, str]:
@@ -154,7 +130,7 @@ class HookRunner:
 
     def __init__(
         self,
-        command: str,
+        command: str | os.PathLike[str],
         timeout: float = DEFAULT_TIMEOUT,
         *,
         max_running: int = 4,
@@ -170,7 +146,7 @@ class HookRunner:
             raise ValueError("max_running and max_queued must be positive")
         self.path = path or _hook_path()
         self.lang = lang or os.environ.get("LANG") or DEFAULT_LANG
-        self.argv = check_hook_command(command, self.path)
+        self.program = check_hook_command(command)
         self.timeout = timeout
         self.max_running = max_running
         self.max_queued = max_queued
@@ -276,7 +252,7 @@ class HookRunner:
             self._idle.set()
 
     def _run(self, key: HookKey, change: MappingChange) -> None:
-        fields = {**_fields(change), "command": self.argv[0]}
+        fields = {**_fields(change), "command": str(self.program)}
         outcome = self._execute(key, change, fields)
         record = {
             **fields,
@@ -315,7 +291,7 @@ class HookRunner:
             return _Outcome(None, b"", False, 0.0, False, f"no pipe: {exc}")
         try:
             proc = subprocess.Popen(
-                list(self.argv), stdin=subprocess.DEVNULL, stdout=write_end,
+                [str(self.program)], stdin=subprocess.DEVNULL, stdout=write_end,
                 stderr=write_end, env=env, cwd="/", close_fds=True, start_new_session=True,
             )
         except OSError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -141,7 +142,15 @@ def configure(tmp_path: Path, app: FakeQbittorrent | int, **options: str) -> str
     conf = tmp_path / "qbittorrent hook.conf"
     conf.write_text("# written by the test\n" + "\n".join(lines) + "\n")
     conf.chmod(0o600)
-    return f"{HOOK} '{conf}'"
+    return wrapper(tmp_path, conf)
+
+
+def wrapper(tmp_path: Path, conf: Path) -> str:
+    """HOOK_COMMAND takes no arguments: the README's two-line wrapper names the file."""
+    wrap = tmp_path / "qbittorrent-hook-wrapper"
+    wrap.write_text(f"#!/bin/sh\nexec '{HOOK}' '{conf}'\n")
+    wrap.chmod(0o755)
+    return str(wrap)
 
 
 def change(kind: str, external: int, *, client: str = QBT_CLIENT, internal: int = 6881,
@@ -278,10 +287,10 @@ def test_an_unreachable_webui_and_a_bad_configuration(
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     run(configure(tmp_path, port), change("created", 40009))
-    run(f"{HOOK} {tmp_path / 'missing.conf'}", change("created", 40009))
+    run(wrapper(tmp_path, tmp_path / "missing.conf"), change("created", 40009))
     bad = tmp_path / "bad.conf"
     bad.write_text("QBT_URL=http://127.0.0.1:1\nQBT_PREFERENCE=web_ui_port\n")
-    run(f"{HOOK} {bad}", change("created", 40009))
+    run(wrapper(tmp_path, bad), change("created", 40009))
     failures = outputs(records)
     assert [status for _, status, _ in failures] == [4, 1, 1]
     assert "cannot reach" in failures[0][2]
@@ -292,3 +301,13 @@ def test_an_unreachable_webui_and_a_bad_configuration(
 def test_the_example_is_executable() -> None:
     assert os.access(HOOK, os.X_OK)
     assert HOOK.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_without_arguments_it_reads_the_default_configuration() -> None:
+    default = Path("/etc/doublenat/qbittorrent-hook.conf")
+    if default.exists():
+        pytest.skip(f"{default} exists on this machine")
+    env = {"PATH": "/usr/bin:/bin", "DOUBLENAT_EVENT": "created"}
+    done = subprocess.run([str(HOOK)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"cannot read {default}" in done.stderr
