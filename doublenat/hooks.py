@@ -143,7 +143,8 @@ class HookRunner:
         if timeout <= 0:
             raise SettingError("HOOK_TIMEOUT", f"must be positive, not {timeout}")
         if max_running < 1 or max_queued < 1 or output_limit < 0:
-            raise ValueError("max_running and max_queued must be positive")
+            raise ValueError("max_running and max_queued must be positive, output_limit "
+                             "not negative")
         self.path = path or _hook_path()
         self.lang = lang or os.environ.get("LANG") or DEFAULT_LANG
         self.program = check_hook_command(command)
