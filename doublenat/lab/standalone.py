@@ -22,6 +22,7 @@ monkey.patch_all()
 
 import json
 import logging
+import random
 import shlex
 import signal
 import sys
@@ -32,6 +33,7 @@ import gevent
 from gevent.event import Event
 
 from doublenat import logs
+from doublenat.lab.dynamics import ProtonDynamics
 from doublenat.lab.gateway import GatewayEmulator
 from doublenat.lab.nft import (
     DEFAULT_TABLE,
@@ -64,6 +66,17 @@ def _endpoint(text: str) -> tuple[str, int]:
 @click.option("--profile", type=click.Choice(["rfc", "proton"]), default="rfc",
               show_default=True)
 @click.option("--public-address", default="11.22.33.44", show_default=True)
+@click.option("--max-lifetime", type=click.IntRange(1, 2**32 - 1), default=None,
+              metavar="SECONDS", help="Cap on granted lifetimes (default: the profile's).")
+@click.option("--move-every", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="The gateway moves every mapping's port this often "
+                                      "(at its next renewal).")
+@click.option("--reconnect-every", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="A VPN reconnect this often: epoch reset, mappings "
+                                      "lost, new public address.")
+@click.option("--dynamics-seed", type=int, default=None,
+              help="Seed of the --move-every/--reconnect-every schedule and of the gateway's "
+                   "port choice (default: schedule seed 0, random ports).")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json")
 @click.option("--nat-rule", "nat_rules", multiple=True, metavar="'PROP=VALUE ...'",
               help="Seed the router's /ip/firewall/nat with this rule (RouterOS words, "
@@ -82,7 +95,9 @@ def _endpoint(text: str) -> tuple[str, int]:
                    "is this name plus _gw.")
 def main(router_at: str | None, user: str, password_file: Path | None,
          interfaces: tuple[str, ...], routes: tuple[str, ...], router_latency: float,
-         gateway_at: str | None, profile: str, public_address: str, log_format: str,
+         gateway_at: str | None, profile: str, public_address: str, max_lifetime: int | None,
+         move_every: float | None, reconnect_every: float | None, dynamics_seed: int | None,
+         log_format: str,
          nat_rules: tuple[str, ...], nft_router: str | None, nft_gateway: str | None,
          nft_deliver: str, nft_table: str) -> None:
     logs.configure("INFO", log_format)
@@ -119,7 +134,14 @@ def main(router_at: str | None, user: str, password_file: Path | None,
         ready["router"] = "{}:{}".format(*router.address)
     if gateway_at:
         host, port = _endpoint(gateway_at)
-        gateway = GatewayEmulator(host, port, profile=profile, public_address=public_address)
+        dynamics = None
+        if move_every is not None or reconnect_every is not None:
+            dynamics = ProtonDynamics(move_every=move_every, reconnect_every=reconnect_every,
+                                      seed=dynamics_seed or 0)
+        gateway = GatewayEmulator(host, port, profile=profile, public_address=public_address,
+                                  max_lifetime=max_lifetime, dynamics=dynamics,
+                                  rng=None if dynamics_seed is None
+                                  else random.Random(dynamics_seed))
         if nft_gateway:
             deliver = None if nft_deliver == "auto" else nft_deliver
             table = f"{nft_table}_gw"
