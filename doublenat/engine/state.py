@@ -372,6 +372,10 @@ class MappingTable:
         self._leases[lease.key] = lease
         return lease
 
+    def move_failed(self, key: MappingKey, router_port: int) -> None:
+        """The rule did not move: the port reserved for it is free again."""
+        self._ports.release_router(key.proto, router_port, ("moving", key, router_port))
+
     def park(self, key: MappingKey) -> Lease | None:
         """The lease's rule was disabled because the gateway gave its port to another
         mapping (external mode, after an upstream loss): the port is free for that one."""
