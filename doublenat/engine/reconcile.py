@@ -200,6 +200,7 @@ class Reconciler:
             view, problem = None, str(exc)
         with table.listing() as listing:
             unknown_before = [c for c, w in table.writes.items() if w.unknown]
+            doomed_before = set(table.doomed)
             rules = self.router.list_rules()
         report = Report(rules=len(rules))
         if view is not None:
@@ -217,6 +218,9 @@ class Reconciler:
         interface = view.interface if view is not None else None
         the_plan = plan(rules, table.leases, table.writes, table.candidates,
                         list(table.doomed.values()), interface, listing.removed)
+        # A rule doomed while the listing was in flight may have been written after the
+        # router answered: not being listed says nothing about it being gone.
+        the_plan.doomed_gone[:] = [d for d in the_plan.doomed_gone if d.token in doomed_before]
         if interface is not None:
             for rule in table.load_foreign(the_plan.foreign, interface):
                 log.warning("cannot read dst-port of a rule; its ports are not avoided",

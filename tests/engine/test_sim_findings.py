@@ -9,7 +9,8 @@ from ipaddress import IPv4Address
 
 from doublenat.engine.model import MappingKey
 from doublenat.protocol.natpmp import MapRequest, Proto, Result
-from tests.engine.fakes import TRAP, FakeGateway, make_mapper
+from doublenat.engine.reconcile import Reconciler
+from tests.engine.fakes import TIMEOUT, TRANSPORT, TRAP, FakeGateway, make_mapper
 
 A = IPv4Address("192.168.88.20")
 B = IPv4Address("192.168.88.21")
@@ -33,4 +34,27 @@ def test_a_rule_that_cannot_follow_a_moved_port_frees_the_port_it_reserved() -> 
     assert mapper.handle(A, tcp(6881)).result == Result.NETWORK_FAILURE
     assert mapper.table.router_free(Proto.TCP, 50505, B)
     assert mapper.leases[lease.key].router_port == first.external_port
+    mapper.table.check()
+
+
+def test_a_rule_doomed_while_a_listing_is_in_flight_is_not_taken_as_gone() -> None:
+    """Seed 152: a creation writes its rule after the reconciler's listing was taken,
+    then the gateway refuses and the rollback's removal fails: the rule is doomed while
+    the listing is in flight. That listing does not show the rule, which is no sign it
+    is gone: the record must stay (and its port stay reserved) until a removal or a
+    later listing says so."""
+    mapper, router, gateway, _ = make_mapper()
+
+    def meanwhile(name: str) -> None:
+        if name == "list_rules" and not router.rules.get("*1"):
+            gateway.fail.append(TIMEOUT)
+            router.fail["remove_rule"] = TRANSPORT
+            assert mapper.handle(A, tcp(6881)).result == Result.NETWORK_FAILURE
+
+    router.on_call = meanwhile
+    Reconciler(mapper, router, "10.2.0.1").run_once()
+    router.on_call = None
+    [rule_id] = router.owned()
+    assert [d.rule.rule_id for d in mapper.table.doomed.values()] == [rule_id]
+    assert not mapper.table.router_free(Proto.TCP, 6881, B)
     mapper.table.check()
