@@ -10,7 +10,7 @@ RFC's companion-port rule); the same client may hold it for both protocols.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Container, Hashable, Iterable
 from ipaddress import IPv4Address
 
 from doublenat.engine.contracts import NatRule
@@ -116,11 +116,13 @@ class PortBook:
         *,
         router: bool,
         upstream: bool = True,
+        avoid: Container[int] = (),
     ) -> int | None:
-        """Pick and reserve a port free in the asked views: a preferred one, else any."""
+        """Pick and reserve a port free in the asked views (and not in `avoid`): a
+        preferred one, else any."""
 
         def free(port: int) -> bool:
-            return (not router or self.router_free(proto, port, client)) and (
+            return port not in avoid and (not router or self.router_free(proto, port, client)) and (
                 not upstream or self.upstream_free(proto, port, client)
             )
 

@@ -223,12 +223,25 @@ class MappingTable:
         # placeholder, then hand the reservation to the real owner.
         placeholder = ("allocating", key)
         port = self._ports.allocate(key.client, key.proto, preferred, placeholder,
-                                    router=router)
+                                    router=router, avoid=self._doomed_comment_ports(key))
         if port is not None:
             comment_owner = _write_owner(Write(key, port, None, "").comment)
             self._ports.hand_over(key.proto, port if router else None, port, placeholder,
                                   comment_owner)
         return port
+
+    def _doomed_comment_ports(self, key: MappingKey) -> set[int]:
+        """Upstream ports whose comment, for this key, a rule still to remove carries. A
+        new rule must not carry it too: a removal that re-identifies its rule by comment
+        (after a router restart) would remove both. (A doomed rule holds its router port,
+        not its upstream port, which the upstream delete frees.)"""
+        ports = set()
+        for doomed in self._doomed.values():
+            if doomed.key == key:
+                owned = parse_owned(NatRule("", "", "", "", "", "", doomed.comment))
+                if owned is not None:
+                    ports.add(owned.upstream_port)
+        return ports
 
     def reserve_router(self, write: Write, port: int) -> Write | None:
         """External mode: the rule's port is known once the gateway granted it."""

@@ -58,3 +58,24 @@ def test_a_rule_doomed_while_a_listing_is_in_flight_is_not_taken_as_gone() -> No
     assert [d.rule.rule_id for d in mapper.table.doomed.values()] == [rule_id]
     assert not mapper.table.router_free(Proto.TCP, 6881, B)
     mapper.table.check()
+
+
+def test_a_new_mapping_never_takes_the_comment_of_a_rule_still_to_remove() -> None:
+    """Seed 228: a mapping ends while the router is unreachable (its rule stays doomed,
+    holding its router port), its upstream port is freed by the upstream delete, and the
+    same client maps the same port again: the new rule got the doomed rule's comment.
+    After a router restart the doomed rule is found by comment, and its removal took the
+    live mapping's rule with it."""
+    gateway = FakeGateway(proton=True)
+    mapper, router, _, _ = make_mapper(gateway=gateway, port_mode="external")
+    mapper.handle(A, tcp(6881))
+    router.fail["remove_rule"] = TRANSPORT
+    assert mapper.handle(A, tcp(6881, lifetime=0)).result == Result.SUCCESS
+    [doomed] = mapper.table.doomed.values()
+    assert mapper.handle(A, tcp(6881)).result == Result.SUCCESS
+    lease = mapper.leases[MappingKey(A, Proto.TCP, 6881)]
+    assert lease.comment != doomed.comment
+    router.restart(renumber=True)
+    mapper.flush()
+    assert [r.comment for r in router.owned().values()] == [lease.comment]
+    mapper.table.check()
