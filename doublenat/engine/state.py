@@ -406,6 +406,9 @@ class MappingTable:
         if lease is None:
             return None
         owner = _lease_owner(key)
+        restore = self._writes.get(lease.comment)
+        if restore is not None and restore.restore:
+            return lease, self._end_restoring(lease, restore, reason)
         if not lease.static:
             self._per_client[key.client] -= 1
             self._prune_count(key.client)
@@ -413,6 +416,20 @@ class MappingTable:
         doomed = self._doom(lease.rule, lease.comment, key, lease.held_router_port, reason,
                             from_owner=owner)
         return lease, doomed
+
+    def _end_restoring(self, lease: Lease, restore: Write, reason: str) -> Doomed:
+        """The mapping ends while the re-creation of its rule has an unknown outcome: the
+        rule may exist. The write becomes an ordinary one of unknown outcome, holding the
+        mapping's ports (and its place in the quota) until a listing settles it; without
+        that, the port went free while the rule may still forward it. The lease's own
+        rule (the one that had vanished) is doomed without a port."""
+        owner, key = _lease_owner(lease.key), lease.key
+        write = replace(restore, restore=False, unknown=True, static=lease.static,
+                        upstream_port=lease.upstream_port, router_port=lease.held_router_port)
+        self._writes[write.comment] = write
+        self._ports.hand_over(key.proto, lease.held_router_port, lease.upstream_port, owner,
+                              _write_owner(write.comment))
+        return self._doom(lease.rule, lease.comment, key, None, reason, from_owner=owner)
 
     def rule_found(self, key: MappingKey, ref: RuleRef) -> None:
         """A lease's rule was re-identified (a listing, or a lookup by comment)."""

@@ -79,3 +79,32 @@ def test_a_new_mapping_never_takes_the_comment_of_a_rule_still_to_remove() -> No
     mapper.flush()
     assert [r.comment for r in router.owned().values()] == [lease.comment]
     mapper.table.check()
+
+
+def forwarding(router) -> dict[tuple[str, str], set[str]]:  # type: ignore[no-untyped-def]
+    ports: dict[tuple[str, str], set[str]] = {}
+    for rule in router.owned().values():
+        ports.setdefault((rule.protocol, rule.dst_port), set()).add(rule.to_addresses)
+    return ports
+
+
+def test_a_restore_of_unknown_outcome_outlives_its_mapping_with_its_port() -> None:
+    """Seed 209: reconciliation re-creates a live mapping's vanished rule, and the
+    connection drops after the router wrote it. The mapping then ends: the restored rule
+    exists, so its port must stay reserved until a listing settles the write (it went
+    free, and another client got the port: two clients on one port), and the client
+    mapping the same port again must not collide with the write's record (it raised)."""
+    mapper, router, _, _ = make_mapper()
+    mapper.handle(A, tcp(6881, 6881))
+    router.rules.clear()  # an administrator removed it
+    router.fail_after["add_rule"] = TRANSPORT
+    Reconciler(mapper, router, "10.2.0.1").run_once()
+    assert mapper.handle(A, tcp(6881, lifetime=0)).result == Result.SUCCESS
+    mapper.handle(B, tcp(6881, 6881))
+    assert all(len(clients) == 1 for clients in forwarding(router).values())
+    mapper.handle(A, tcp(6881, 6881))
+    mapper.table.check()
+    Reconciler(mapper, router, "10.2.0.1").run_once()  # settles the write: rule removed
+    assert all(len(clients) == 1 for clients in forwarding(router).values())
+    assert not mapper.table.writes
+    mapper.table.check()
