@@ -87,7 +87,10 @@ def plan(
     for key, lease in leases.items():
         listed = by_comment.get(lease.comment, [])
         if not listed:
-            if interface is not None and lease.comment not in writes:
+            write = writes.get(lease.comment)
+            # An earlier restore of unknown outcome, not listed, is no reason to wait: the
+            # lease holds the port, and a copy landing late is removed as a duplicate.
+            if interface is not None and (write is None or (write.restore and write.unknown)):
                 result.restore.append(key)
             continue
         own = next((r for r in listed if r.ref == lease.rule), listed[0])

@@ -445,10 +445,17 @@ class MappingTable:
     # ---------------------------------------------------------------- restore
 
     def begin_restore(self, key: MappingKey, interface: str) -> Write | None:
-        """Record the re-creation of a live lease's missing rule before it starts."""
+        """Record the re-creation of a live lease's missing rule before it starts. It
+        replaces an earlier restore of unknown outcome (the caller just found no rule with
+        the comment; such writes hold no port and count in no quota)."""
         lease = self._leases.get(key)
-        if lease is None or lease.comment in self._writes:
+        if lease is None:
             return None
+        earlier = self._writes.get(lease.comment)
+        if earlier is not None:
+            if not (earlier.restore and earlier.unknown):
+                return None
+            del self._writes[earlier.comment]
         write = Write(key, lease.upstream_port, lease.router_port, interface, restore=True,
                       static=lease.static)
         self._put_write(write)

@@ -108,3 +108,23 @@ def test_a_restore_of_unknown_outcome_outlives_its_mapping_with_its_port() -> No
     assert all(len(clients) == 1 for clients in forwarding(router).values())
     assert not mapper.table.writes
     mapper.table.check()
+
+
+def test_a_restore_of_unknown_outcome_does_not_delay_the_next_one() -> None:
+    """Seed 124: the re-creation of a live mapping's vanished rule fails with the
+    connection (it may or may not have been written). The next reconciliation, with the
+    router healthy, must leave the mapping with its rule: it waited for two more
+    listings to settle the first write (a copy landing late is removed as a duplicate;
+    the mapping holds the port either way)."""
+    mapper, router, _, _ = make_mapper()
+    mapper.handle(A, tcp(6881, 6881))
+    router.rules.clear()
+    router.fail["add_rule"] = TRANSPORT
+    reconciler = Reconciler(mapper, router, "10.2.0.1")
+    reconciler.run_once()
+    assert not router.owned()
+    reconciler.run_once()
+    [rule] = router.owned().values()
+    assert mapper.leases[MappingKey(A, Proto.TCP, 6881)].rule.rule_id == rule.rule_id
+    assert not mapper.table.writes
+    mapper.table.check()
