@@ -366,9 +366,11 @@ class Mapper:
         return self._from_lease(lease, min(request.lifetime, self.settings.max_lifetime), now)
 
     def _fresh(self, lease: Lease, now: float) -> bool:
-        """Was the upstream mapping confirmed so recently that asking again is waste?"""
-        if lease.generation != self.upstream.generation or lease.upstream_expires_at <= now \
-                or lease.parked:
+        """Was the upstream mapping confirmed so recently that asking again is waste?
+        Never with less than a second left: the answer would say lifetime 0, which tells
+        the client its mapping is gone."""
+        if lease.generation != self.upstream.generation \
+                or lease.upstream_expires_at - now < 1 or lease.parked:
             return False
         window = min(lease.upstream_lifetime * _FRESH_FRACTION, _FRESH_MAX)
         return now - lease.upstream_renewed_at < window

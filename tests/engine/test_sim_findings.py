@@ -128,3 +128,16 @@ def test_a_restore_of_unknown_outcome_does_not_delay_the_next_one() -> None:
     assert mapper.leases[MappingKey(A, Proto.TCP, 6881)].rule.rule_id == rule.rule_id
     assert not mapper.table.writes
     mapper.table.check()
+
+
+def test_a_renewal_answered_from_the_lease_never_says_lifetime_zero() -> None:
+    """Seed 223: the gateway granted a one-second lease, and a renewal came 0.05 s later:
+    answered from the lease, it said success with lifetime 0, which tells the client its
+    mapping is gone (RFC 6886 3.3). With less than a second left the gateway is asked."""
+    mapper, _, gateway, clock = make_mapper(gateway=FakeGateway(max_lifetime=1))
+    assert mapper.handle(A, tcp(6881, 6881)).lifetime == 1
+    clock.advance(0.05)
+    assert mapper.renew_now(A, tcp(6881, 6881)) is None
+    outcome = mapper.handle(A, tcp(6881, 6881))
+    assert outcome.result == Result.SUCCESS and outcome.lifetime >= 1
+    assert gateway.calls["renew"] == 1
