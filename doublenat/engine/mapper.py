@@ -333,12 +333,21 @@ class Mapper:
             static=write.static,
         ))
         self.counters["created"] += 1
+        self._on_old_interface(lease)
         self._event(logging.INFO, "mapping.created", lease.key, lease=lease, lifetime=told,
                     result=Result.SUCCESS)
         self._changed(ChangeKind.CREATED, lease, "client request" if not lease.static
                       else "static mapping")
         self._on_granted(lease)
         return Outcome(Result.SUCCESS, answer.external_port, answer.lifetime)
+
+    def _on_old_interface(self, lease: Lease) -> None:
+        """The rule was written (or found) on an interface the router stopped using
+        meanwhile (a reconciliation moved the other rules while this one was being
+        written): ask for a reconciliation now, not at the next interval."""
+        view = self.table.router
+        if view is not None and view.interface != lease.interface:
+            self._router_wanted()
 
     def _deadline(self, static: bool, now: float, requested: int, told: int) -> float:
         if static:
@@ -566,6 +575,7 @@ class Mapper:
             static=static,
         ))
         self.counters["adopted"] += 1
+        self._on_old_interface(lease)
         outcome = self._follow(lease, answer, requested, "adopted after a restart",
                                announce=False)
         current = self.table.lease(key) or lease

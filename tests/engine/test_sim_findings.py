@@ -7,10 +7,21 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
+from doublenat.engine.epoch import UpstreamState
+from doublenat.engine.mapper import Mapper
 from doublenat.engine.model import MappingKey
 from doublenat.protocol.natpmp import MapRequest, Proto, Result
 from doublenat.engine.reconcile import Reconciler
-from tests.engine.fakes import TIMEOUT, TRANSPORT, TRAP, FakeGateway, make_mapper
+from tests.engine.fakes import (
+    TIMEOUT,
+    TRANSPORT,
+    TRAP,
+    FakeClock,
+    FakeGateway,
+    FakeRouter,
+    make_mapper,
+    make_settings,
+)
 
 A = IPv4Address("192.168.88.20")
 B = IPv4Address("192.168.88.21")
@@ -141,3 +152,30 @@ def test_a_renewal_answered_from_the_lease_never_says_lifetime_zero() -> None:
     outcome = mapper.handle(A, tcp(6881, 6881))
     assert outcome.result == Result.SUCCESS and outcome.lifetime >= 1
     assert gateway.calls["renew"] == 1
+
+
+def test_a_mapping_created_across_an_interface_change_asks_for_reconciliation() -> None:
+    """Seed 147: a reconciliation finds the tunnel on a new interface and moves every
+    rule while a creation is writing its rule on the old one. The new mapping's rule was
+    left there until the next periodic run (RECONCILE_INTERVAL, 10 minutes by default),
+    forwarding nothing; the engine now asks for a run at once."""
+    router, gateway, clock = FakeRouter(), FakeGateway(), FakeClock()
+    wanted: list[str] = []
+    mapper = Mapper(router, gateway, UpstreamState(clock), make_settings(), clock=clock,
+                    router_wanted=lambda: wanted.append("run"))
+    reconciler = Reconciler(mapper, router, "10.2.0.1")
+    reconciler.run_once()
+
+    def tunnel_renamed(name: str) -> None:
+        if name == "add_rule":
+            router.interface_types["wg-new"] = "wg"
+            router.route = "wg-new"
+            reconciler.run_once()
+
+    router.on_call = tunnel_renamed
+    assert mapper.handle(A, tcp(6881, 6881)).result == Result.SUCCESS
+    router.on_call = None
+    assert wanted == ["run"]
+    reconciler.run_once()
+    assert [r.in_interface for r in router.owned().values()] == ["wg-new"]
+    assert mapper.leases[MappingKey(A, Proto.TCP, 6881)].interface == "wg-new"
