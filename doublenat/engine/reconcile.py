@@ -90,7 +90,10 @@ def plan(
             write = writes.get(lease.comment)
             # An earlier restore of unknown outcome, not listed, is no reason to wait: the
             # lease holds the port, and a copy landing late is removed as a duplicate.
-            if interface is not None and (write is None or (write.restore and write.unknown)):
+            # A parked lease holds no port (another mapping has it): its rule comes back
+            # on the port its own re-map grants.
+            if interface is not None and not lease.parked and (
+                    write is None or (write.restore and write.unknown)):
                 result.restore.append(key)
             continue
         own = next((r for r in listed if r.ref == lease.rule), listed[0])
@@ -303,7 +306,7 @@ class Reconciler:
         mapper, table = self.mapper, self.table
         with mapper.locked(key):
             lease = table.lease(key)
-            if lease is None:
+            if lease is None or lease.parked:  # parked since the plan: see `plan`
                 return 0
             try:
                 # Confirm under the lock: a rule written after the listing is not missing.

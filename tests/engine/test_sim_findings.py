@@ -179,3 +179,30 @@ def test_a_mapping_created_across_an_interface_change_asks_for_reconciliation() 
     reconciler.run_once()
     assert [r.in_interface for r in router.owned().values()] == ["wg-new"]
     assert mapper.leases[MappingKey(A, Proto.TCP, 6881)].interface == "wg-new"
+
+
+def test_a_parked_mappings_vanished_rule_is_not_restored_onto_the_port_it_gave_up() -> None:
+    """Seed 1026: after a reconnect the gateway gave B's port to A, and B's rule was
+    parked (disabled) so the port forwards to A only. The parked rule then vanished (an
+    administrator, a router restart before it was saved), and reconciliation re-created
+    it, enabled, on the port A now holds: two clients on one port. A parked mapping's
+    rule comes back when its own re-map grants it a port."""
+    mapper, router, gateway, _ = make_mapper(port_mode="external")
+    gateway.proton = True
+    a_port = mapper.handle(A, MapRequest(Proto.UDP, 5000, 0, 60)).external_port
+    b_port = mapper.handle(B, MapRequest(Proto.UDP, 6000, 0, 60)).external_port
+    a_key, b_key = MappingKey(A, Proto.UDP, 5000), MappingKey(B, Proto.UDP, 6000)
+    a_up, b_up = mapper.leases[a_key].upstream_port, mapper.leases[b_key].upstream_port
+    gateway.epoch = 0
+    gateway.mappings = {(Proto.UDP, a_up): b_port, (Proto.UDP, b_up): a_port}
+    mapper.refresh(a_key, "upstream lost")
+    assert mapper.leases[b_key].parked
+    parked_rule = mapper.leases[b_key].rule.rule_id
+    del router.rules[parked_rule]
+    Reconciler(mapper, router, "10.2.0.1").run_once()
+    assert all(len(clients) == 1 for clients in forwarding(router).values())
+    mapper.refresh(b_key, "upstream lost")  # B's own re-map: its rule comes back
+    Reconciler(mapper, router, "10.2.0.1").run_once()
+    assert forwarding(router) == {("udp", str(b_port)): {str(A)},
+                                  ("udp", str(a_port)): {str(B)}}
+    mapper.table.check()
