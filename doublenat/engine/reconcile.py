@@ -70,7 +70,7 @@ def plan(
     candidates: Mapping[MappingKey, Candidate],
     doomed: Collection[Doomed],
     interface: str | None,
-    removed: Collection[str] = (),
+    removed: Collection[RuleRef] = (),
 ) -> Plan:
     """Sort the listed rules. `removed`: ids removed while the listing was in flight
     (listed, yet nobody's any more); `interface` None: the interface is unknown now, so
@@ -80,7 +80,7 @@ def plan(
     for rule in rules:
         if not is_prefixed(rule):
             result.foreign.append(rule)
-        elif rule.rule_id not in removed:
+        elif rule.ref not in removed:
             by_comment.setdefault(rule.comment, []).append(rule)
     claimed: set[str] = set()  # ids some record accounts for
 
@@ -234,7 +234,7 @@ class Reconciler:
                                    "dst_port": rule.dst_port})
         by_comment: dict[str, list[NatRule]] = {}
         for rule in rules:
-            if rule.rule_id not in listing.removed:
+            if rule.ref not in listing.removed:
                 by_comment.setdefault(rule.comment, []).append(rule)
         doomed = table.settle_unknown(by_comment, unknown_before)
         self._apply(the_plan, doomed, view, report)

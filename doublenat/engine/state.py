@@ -70,10 +70,11 @@ class RouterView:
 
 @dataclass(slots=True)
 class ListingLog:
-    """Rule ids removed while a listing of the router was in flight: such a rule may
-    still be listed, yet nobody owns it any more (it is not an earlier run's rule)."""
+    """Rules removed while a listing of the router was in flight: such a rule may
+    still be listed, yet nobody owns it any more (it is not an earlier run's rule). By id
+    *and session*: after a router restart an old id may name another rule."""
 
-    removed: set[str] = field(default_factory=set)
+    removed: set[RuleRef] = field(default_factory=set)
 
 
 def _lease_owner(key: MappingKey) -> tuple[str, MappingKey]:
@@ -562,7 +563,7 @@ class MappingTable:
             self._ports.release_router(current.key.proto, current.router_port,
                                        _doomed_owner(current.token))
         for log in self._listings:
-            log.removed.add(current.rule.rule_id)
+            log.removed.add(current.rule)
 
     # ---------------------------------------------------------------- upstream
 

@@ -5,6 +5,7 @@ Every test names the seed of `python -m tests.sim.run` that first showed the def
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 from doublenat.engine.epoch import UpstreamState
@@ -205,4 +206,35 @@ def test_a_parked_mappings_vanished_rule_is_not_restored_onto_the_port_it_gave_u
     Reconciler(mapper, router, "10.2.0.1").run_once()
     assert forwarding(router) == {("udp", str(b_port)): {str(A)},
                                   ("udp", str(a_port)): {str(B)}}
+    mapper.table.check()
+
+
+def test_a_removal_during_a_listing_hides_no_rule_of_the_new_router_session() -> None:
+    """Seed 1084: two removals failed, then the router restarted and gave the rules each
+    other's old ids. While a listing was in flight the first rule was removed (found by
+    comment); the listing then ignored the rule carrying the first rule's *old* id, which
+    was the second rule: its record was dropped as gone, the rule left owned by nobody."""
+    mapper, router, _, _ = make_mapper()
+    for port in (6881, 6882):
+        mapper.handle(A, tcp(port, port))
+    router.fail_always["remove_rule"] = TRANSPORT
+    for port in (6881, 6882):
+        mapper.handle(A, tcp(port, lifetime=0))
+    del router.fail_always["remove_rule"]
+    first, second = sorted(mapper.table.doomed.values(), key=lambda d: d.rule.rule_id)
+    rules = {r.comment: r for r in router.rules.values()}
+    router.session += 1  # a restart that swapped the two ids
+    router.rules = {first.rule.rule_id: replace(rules[second.comment],
+                                                rule_id=first.rule.rule_id),
+                    second.rule.rule_id: replace(rules[first.comment],
+                                                 rule_id=second.rule.rule_id)}
+
+    def meanwhile(name: str) -> None:
+        if name == "list_rules":
+            router.on_call = None
+            assert mapper._remove(first)  # found by comment, removed
+
+    router.on_call = meanwhile
+    Reconciler(mapper, router, "10.2.0.1").run_once()
+    assert not router.owned() and not mapper.table.doomed  # the second found and removed
     mapper.table.check()
