@@ -53,6 +53,7 @@ class NoInterface(Exception):
 class Plan:
     foreign: list[NatRule] = field(default_factory=list)  # rules of other owners
     found: dict[MappingKey, RuleRef] = field(default_factory=dict)  # lease rule re-identified
+    found_from: dict[MappingKey, RuleRef] = field(default_factory=dict)  # the id it replaces
     restore: list[MappingKey] = field(default_factory=list)  # live mapping, rule missing
     retarget: list[MappingKey] = field(default_factory=list)  # rule on an old interface
     adopt: list[OwnedRule] = field(default_factory=list)  # earlier rules awaiting renewal
@@ -100,6 +101,7 @@ def plan(
         claimed.add(own.rule_id)
         if own.ref != lease.rule:
             result.found[key] = own.ref
+            result.found_from[key] = lease.rule
         for duplicate in listed:
             if duplicate is not own:
                 result.remove.append((duplicate, "duplicate of a live mapping's rule"))
@@ -262,8 +264,12 @@ class Reconciler:
         table, mapper = self.table, self.mapper
         for key, ref in the_plan.found.items():
             with mapper.locked(key):
-                table.rule_found(key, ref)
-                report.reidentified += 1
+                # Only for the lease the plan saw: waiting for the lock, the mapping may
+                # have ended and another taken its key, with a rule of its own.
+                lease = table.lease(key)
+                if lease is not None and lease.rule == the_plan.found_from[key]:
+                    table.rule_found(key, ref)
+                    report.reidentified += 1
         for key, ref in the_plan.candidates_found.items():
             table.candidate_found(key, ref)
         for gone in the_plan.candidates_gone:

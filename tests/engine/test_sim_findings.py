@@ -12,7 +12,7 @@ from doublenat.engine.epoch import UpstreamState
 from doublenat.engine.mapper import Mapper
 from doublenat.engine.model import MappingKey
 from doublenat.protocol.natpmp import MapRequest, Proto, Result
-from doublenat.engine.reconcile import Reconciler
+from doublenat.engine.reconcile import Reconciler, Report, plan
 from tests.engine.fakes import (
     TIMEOUT,
     TRANSPORT,
@@ -238,3 +238,28 @@ def test_a_removal_during_a_listing_hides_no_rule_of_the_new_router_session() ->
     Reconciler(mapper, router, "10.2.0.1").run_once()
     assert not router.owned() and not mapper.table.doomed  # the second found and removed
     mapper.table.check()
+
+
+def test_a_rule_found_for_a_mapping_is_not_given_to_the_one_that_replaced_it() -> None:
+    """Seed 2003, first half: after a router restart a listing re-identifies mapping
+    M's rule by comment; before the reconciler gets M's lock, M is deleted (its rule
+    removed) and the client maps the same port again (a new rule). The re-identified id
+    was then given to the new mapping: it pointed at a removed rule, and its real rule
+    was owned by nobody (left behind when the mapping ended)."""
+    mapper, router, _, _ = make_mapper()
+    key = MappingKey(A, Proto.TCP, 6881)
+    mapper.handle(A, tcp(6881, 6881))
+    router.restart(renumber=True)
+    reconciler = Reconciler(mapper, router, "10.2.0.1")
+    table = mapper.table
+    the_plan = plan(router.list_rules(), table.leases, table.writes, table.candidates,
+                    list(table.doomed.values()), "wg-proton")
+    assert key in the_plan.found
+    # Meanwhile, while the reconciler waits for the mapping's lock:
+    mapper.handle(A, tcp(6881, lifetime=0))
+    mapper.handle(A, tcp(6881, 6881))
+    renewed = mapper.leases[key]
+    reconciler._apply(the_plan, [], table.router, Report())
+    assert mapper.leases[key].rule == renewed.rule
+    assert renewed.rule.rule_id in router.rules
+
