@@ -728,13 +728,13 @@ class Mapper:
 
     def _remove(self, doomed: Doomed) -> bool:
         try:
-            ruleops.remove(self.router, doomed.rule, doomed.comment)
+            refs = ruleops.remove(self.router, doomed.rule, doomed.comment)
         except RouterError as exc:
             self._event(logging.WARNING, "rule.remove_failed", doomed.key,
                         rule_id=doomed.rule.rule_id, reason=f"{exc}; it will be removed later",
                         reason_code="remove-failed")
             return False
-        self.table.removed(doomed)
+        self.table.removed(doomed, refs)
         return True
 
     def _ask(self, key: MappingKey, port: int, suggested: int,

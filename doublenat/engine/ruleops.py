@@ -17,8 +17,9 @@ from doublenat.engine.contracts import NoSuchItem, Router, RuleRef, StaleSession
 _ATTEMPTS = 3
 
 
-def remove(router: Router, ref: RuleRef, comment: str) -> None:
-    """Remove the rule (and any copy with the same comment found on re-identification).
+def remove(router: Router, ref: RuleRef, comment: str) -> list[RuleRef]:
+    """Remove the rule (and any copy with the same comment found on re-identification);
+    returns the ids the router was told to remove (the re-identified ones included).
     Gone already is fine. Raises RouterError if the router could not be asked."""
     refs = [ref]
     for _ in range(_ATTEMPTS):
@@ -26,7 +27,7 @@ def remove(router: Router, ref: RuleRef, comment: str) -> None:
             for each in refs:
                 with contextlib.suppress(NoSuchItem):  # gone already: fine
                     router.remove_rule(each)
-            return
+            return refs
         except StaleSession:
             refs = [rule.ref for rule in router.find_rules(comment)]
     raise StaleSession(f"router restarted repeatedly while removing {comment!r}")

@@ -554,8 +554,10 @@ class MappingTable:
         self._doomed[doomed.token] = updated
         return updated
 
-    def removed(self, doomed: Doomed) -> None:
-        """The router no longer holds the rule: its port is free again."""
+    def removed(self, doomed: Doomed, refs: Iterable[RuleRef] = ()) -> None:
+        """The router no longer holds the rule: its port is free again. `refs`: the ids
+        the removal used (after a router restart, those found by the rule's comment): a
+        listing in flight may show the rule under any of them."""
         current = self._doomed.pop(doomed.token, None)
         if current is None:
             return
@@ -564,6 +566,7 @@ class MappingTable:
                                        _doomed_owner(current.token))
         for log in self._listings:
             log.removed.add(current.rule)
+            log.removed.update(refs)
 
     # ---------------------------------------------------------------- upstream
 

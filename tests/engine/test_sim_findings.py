@@ -263,3 +263,27 @@ def test_a_rule_found_for_a_mapping_is_not_given_to_the_one_that_replaced_it() -
     assert mapper.leases[key].rule == renewed.rule
     assert renewed.rule.rule_id in router.rules
 
+
+def test_a_rule_removed_by_comment_during_a_listing_is_not_taken_for_a_live_one() -> None:
+    """Seed 2003, second half: after a router restart a mapping is deleted while a
+    listing is in flight; its rule, known by an old id, is found by comment and removed.
+    The client maps the same port again at once (same comment). The listing, taken
+    before, still shows the removed rule: it was taken for the new mapping's rule (the
+    removal was recorded under the old id only), so the new mapping pointed at a removed
+    rule and its real one was owned by nobody."""
+    mapper, router, _, _ = make_mapper()
+    key = MappingKey(A, Proto.TCP, 6881)
+    mapper.handle(A, tcp(6881, 6881))
+    router.restart(renumber=True)
+
+    def meanwhile(name: str) -> None:
+        if name == "list_rules":
+            router.on_call = None
+            mapper.handle(A, tcp(6881, lifetime=0))
+            mapper.handle(A, tcp(6881, 6881))
+
+    router.on_call = meanwhile
+    Reconciler(mapper, router, "10.2.0.1").run_once()
+    [rule_id] = router.owned()
+    assert mapper.leases[key].rule.rule_id == rule_id
+    mapper.table.check()
