@@ -576,6 +576,10 @@ class Mapper:
         ))
         self.counters["adopted"] += 1
         self._on_old_interface(lease)
+        if owned.rule.disabled:
+            # Parked by the earlier run (which stopped without its cleanup): parked here
+            # too, so following the grant enables it on the port the gateway gave.
+            lease = self.table.park(key) or lease
         outcome = self._follow(lease, answer, requested, "adopted after a restart",
                                announce=False)
         current = self.table.lease(key) or lease

@@ -10,7 +10,8 @@ from ipaddress import IPv4Address
 
 from doublenat.engine.epoch import UpstreamState
 from doublenat.engine.mapper import Mapper
-from doublenat.engine.model import MappingKey
+from doublenat.engine.contracts import NatRule
+from doublenat.engine.model import MappingKey, rule_comment
 from doublenat.protocol.natpmp import MapRequest, Proto, Result
 from doublenat.engine.reconcile import Reconciler, Report, plan
 from tests.engine.fakes import (
@@ -286,4 +287,24 @@ def test_a_rule_removed_by_comment_during_a_listing_is_not_taken_for_a_live_one(
     Reconciler(mapper, router, "10.2.0.1").run_once()
     [rule_id] = router.owned()
     assert mapper.leases[key].rule.rule_id == rule_id
+    mapper.table.check()
+
+
+def test_an_adopted_parked_rule_of_an_earlier_run_is_enabled() -> None:
+    """Seed 3019: doublenat stopped without its cleanup (a crash) while one mapping's
+    rule was parked (disabled). The next run adopted that rule when the client renewed,
+    as a mapping like any other, and never enabled it: the mapping forwarded nothing."""
+    gateway = FakeGateway(proton=True)
+    mapper, router, _, _ = make_mapper(gateway=gateway, port_mode="external", ready=False)
+    key = MappingKey(A, Proto.TCP, 6881)
+    comment = rule_comment(key, 6881)
+    router.rules["*A1"] = NatRule("*A1", "tcp", "wg-proton", "40007", str(A), "6881", comment,
+                                  disabled=True)
+    Reconciler(mapper, router, "10.2.0.1").run_once()
+    assert key in mapper.candidates
+    outcome = mapper.handle(A, tcp(6881))
+    assert outcome.result == Result.SUCCESS
+    [rule] = router.owned().values()
+    assert not rule.disabled and rule.dst_port == str(outcome.external_port)
+    assert not mapper.leases[key].parked
     mapper.table.check()
