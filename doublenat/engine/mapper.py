@@ -278,7 +278,10 @@ class Mapper:
             return written
         answer = self._ask(key, written.upstream_port, suggested, requested)
         if answer is None or not answer.granted:
-            doomed = self.table.abandon(written, "the gateway did not grant the mapping")
+            # No answer at all: the gateway may have mapped it and the reply been lost,
+            # so the upstream port waits for its delete (a refusal mapped nothing).
+            doomed = self.table.abandon(written, "the gateway did not grant the mapping",
+                                        upstream_mapped=answer is None)
             if doomed is not None:
                 self._remove(doomed)
             return _upstream_failure(answer)
@@ -289,7 +292,7 @@ class Mapper:
         key = write.key
         answer = self._ask(key, write.upstream_port, suggested, requested)
         if answer is None or not answer.granted:
-            self.table.cancel(write)
+            self.table.cancel(write, upstream_mapped=answer is None)  # as in rule-first
             return _upstream_failure(answer)
         if write.router_port is None:
             reserved = self.table.reserve_router(write, answer.external_port)

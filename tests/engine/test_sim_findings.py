@@ -308,3 +308,32 @@ def test_an_adopted_parked_rule_of_an_earlier_run_is_enabled() -> None:
     assert not rule.disabled and rule.dst_port == str(outcome.external_port)
     assert not mapper.leases[key].parked
     mapper.table.check()
+
+
+class LostReplyGateway(FakeGateway):
+    """Maps, then the reply is lost: the caller sees a timeout (once)."""
+
+    lose_next = False
+
+    def map(self, proto, internal_port, suggested_port, lifetime):  # type: ignore[no-untyped-def]
+        answer = super().map(proto, internal_port, suggested_port, lifetime)
+        if self.lose_next:
+            self.lose_next = False
+            raise TIMEOUT
+        return answer
+
+
+def test_a_mapping_request_the_gateway_did_not_answer_is_deleted_upstream() -> None:
+    """Seed 1: the gateway mapped the port but its reply was lost; the creation failed
+    and forgot the port, so nothing ever deleted the upstream mapping (left at shutdown,
+    counted nowhere). An unanswered request may have been executed, like a router write
+    of unknown outcome: its port waits in the pending upstream deletes."""
+    for mode, internal in (("internal", 6881), ("internal", 0), ("external", 6881)):
+        gateway = LostReplyGateway()
+        mapper, router, _, _ = make_mapper(gateway=gateway, port_mode=mode)
+        gateway.lose_next = True
+        assert mapper.handle(A, tcp(internal, 6881)).result == Result.NETWORK_FAILURE
+        assert gateway.mappings and not mapper.leases and not router.owned()
+        mapper.flush()
+        assert not gateway.mappings, mode
+        mapper.table.check()
