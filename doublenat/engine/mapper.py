@@ -665,20 +665,22 @@ class Mapper:
                             rule_id=candidate.rule.rule_id, router_port=doomed.router_port,
                             result=Result.SUCCESS, reason="rule of an earlier run")
 
-    def flush(self) -> None:
-        """Finish what an interrupted or failed step left: doomed rules, upstream deletes."""
+    def flush(self, final: bool = False) -> None:
+        """Finish what an interrupted or failed step left: doomed rules, upstream deletes.
+        `final` (shutdown): an upstream delete that fails is kept, so the leftovers say
+        what the gateway may still hold; otherwise it is given up (its lease runs out)."""
         self._in_parallel(self._remove_doomed, list(self.table.doomed.values()))
-        self.flush_upstream()
+        self.flush_upstream(final)
 
     def _remove_doomed(self, doomed: Doomed) -> None:
         if doomed.token in self.table.doomed:
             self._remove(doomed)
 
-    def flush_upstream(self) -> None:
+    def flush_upstream(self, final: bool = False) -> None:
         ends = list(self.table.upstream_ends.items())
         if ends:
-            Pool(_UPSTREAM_PARALLEL).map(lambda e: self._end_upstream(e[0][0], e[0][1], e[1]),
-                                         ends)
+            Pool(_UPSTREAM_PARALLEL).map(
+                lambda e: self._end_upstream(e[0][0], e[0][1], e[1], keep_failed=final), ends)
 
     # ---------------------------------------------------------- static mappings
 
@@ -718,7 +720,7 @@ class Mapper:
                                           if k not in self.table.leases]
         self._in_parallel(lambda k: self.delete(k, "mapping.closed", upstream_now=False), keys)
         self._in_parallel(self._close_write, list(self.table.writes.values()))
-        self.flush()
+        self.flush(final=True)
         return len(keys)
 
     def _close_write(self, write: Write) -> None:
@@ -760,7 +762,8 @@ class Mapper:
                         result=_upstream_failure(answer).result)
         return answer
 
-    def _end_upstream(self, proto: Proto, port: int | None, key: MappingKey) -> None:
+    def _end_upstream(self, proto: Proto, port: int | None, key: MappingKey,
+                      keep_failed: bool = False) -> None:
         if port is None:
             return
         try:
@@ -769,6 +772,8 @@ class Mapper:
             # The upstream lease runs out by itself; nothing on the router depends on it.
             self._event(logging.INFO, "upstream.delete_failed", key, upstream_port=port,
                         reason=str(exc))
+            if keep_failed:
+                return
         else:
             self.upstream.saw_epoch(answer.epoch)
         self.table.upstream_ended(proto, port)

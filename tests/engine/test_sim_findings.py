@@ -337,3 +337,18 @@ def test_a_mapping_request_the_gateway_did_not_answer_is_deleted_upstream() -> N
         mapper.flush()
         assert not gateway.mappings, mode
         mapper.table.check()
+
+
+def test_upstream_deletes_that_fail_at_shutdown_are_in_the_report() -> None:
+    """Seed 4: the gateway stopped answering before the shutdown: every upstream delete
+    failed and was given up, and the report said nothing was left, while the gateway
+    still held the mappings (until their leases ran out)."""
+    mapper, router, gateway, _ = make_mapper()
+    mapper.handle(A, tcp(6881, 6881))
+    gateway.fail_always = TIMEOUT
+    assert mapper.close_all() == 1
+    assert not router.owned() and gateway.mappings
+    assert mapper.table.describe_leftovers() == ["upstream mapping tcp 6881"]
+    gateway.fail_always = None
+    mapper.flush()  # a later flush (not at shutdown) sends it
+    assert not gateway.mappings and not mapper.table.describe_leftovers()
