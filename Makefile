@@ -11,7 +11,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := natpmpc miniupnpd miniupnpd-nftables nftables iproute2 supervisor \
                 dh-virtualenv debhelper dh-exec python3-venv build-essential
 
-.PHONY: lab test deps venv lint deb bench fuzz clean
+.PHONY: lab test deps venv lint deb bench fuzz simulate clean
 
 lab: venv
 	$(VENV)/bin/doublenat lab
@@ -60,3 +60,8 @@ bench: deps venv
 
 fuzz: venv
 	$(VENV)/bin/python -m tests.faults.fuzz --datagrams $(or $(DATAGRAMS),1000000)
+
+# The seeded simulation of the mapping engine (tests/sim): STEPS steps over seeds SEED,
+# SEED+1, ... (5,000 each), invariants checked after every step; niced, it takes minutes.
+simulate: venv
+	nice $(VENV)/bin/python -m tests.sim.run --steps $(or $(STEPS),1000000) --seed $(or $(SEED),1)
