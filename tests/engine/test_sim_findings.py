@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import replace
 from ipaddress import IPv4Address
 
+from doublenat.engine.contracts import NatRule
 from doublenat.engine.epoch import UpstreamState
 from doublenat.engine.mapper import Mapper
-from doublenat.engine.contracts import NatRule
 from doublenat.engine.model import MappingKey, rule_comment
-from doublenat.protocol.natpmp import MapRequest, Proto, Result
 from doublenat.engine.reconcile import Reconciler, Report, plan
+from doublenat.protocol.natpmp import MapRequest, Proto, Result
 from tests.engine.fakes import (
     TIMEOUT,
     TRANSPORT,
