@@ -219,7 +219,7 @@ class Routing:
         if gateway is None and not blackhole:
             raise RoutingError("a route needs a gateway or blackhole")
         if gateway is not None:
-            _parse_gateway(gateway)
+            self._check_gateway(gateway)
         if not 0 <= distance <= 255:
             raise RoutingError(f"invalid value for argument distance: {distance}")
         # Learned routes count apart from configured ones: RouterOS gives them other ids.
@@ -228,6 +228,11 @@ class Routing:
                       "dhcp" if dhcp else "static", comment)
         self.routes.append(route)
         return self._route_id(route)
+
+    def _check_gateway(self, gateway: str) -> None:
+        _address, scope = _parse_gateway(gateway)
+        if scope is not None and scope not in self.interfaces:
+            raise RoutingError(f"input does not match any value of gateway: {gateway}")
 
     @staticmethod
     def _route_id(route: Route) -> str:
@@ -256,6 +261,8 @@ class Routing:
                     if name not in ("gateway", "distance", "table", "disabled", "comment",
                                     "blackhole"):
                         raise RoutingError(f"unknown route property {name}")
+                    if name == "gateway" and value is not None:
+                        self._check_gateway(str(value))
                     setattr(route, name, value)
                 return
         raise RoutingError(f"no such route {route_id}")
