@@ -184,6 +184,18 @@ def test_route_print_v6_gateway_status(start: Callable[..., RouterOsEmulator],
     assert rows[0]["active"] == "false"
 
 
+def test_route_print_v6_active_main(start: Callable[..., RouterOsEmulator], raw: Raw) -> None:
+    """v6 has no routing-table column: main-table routes are those without routing-mark."""
+    emu = start("6.49")
+    emu.state.add_route("0.0.0.0/0", "ovpn-proton", table="vpn")
+    reply = raw(emu).call("/ip/route/print", "=.proplist=dst-address,gateway-status",
+                          "?active=true", "?-routing-mark", "?dst-address=0.0.0.0/0")
+    assert reply == [
+        ("!re", "=dst-address=0.0.0.0/0", "=gateway-status=192.0.2.1 reachable via  ether1"),
+        ("!done",),
+    ]
+
+
 def test_tunnel_down_resolves_the_gateway_through_the_uplink(
     start: Callable[..., RouterOsEmulator], connect: Connect
 ) -> None:
