@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from doublenat.cli import SETTINGS, _register_extra_commands, cli
+from doublenat.cli import _register_extra_commands, cli
+from doublenat.settings import SETTINGS
 
 SCRIPT = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "doublenat"
 PASSWORD = "Pa55-w0rd!xyzzy"

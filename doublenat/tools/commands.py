@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from doublenat.cli import fail, load_settings, settings_options
 from doublenat.engine.contracts import RouterError
+from doublenat.options import fail, load_settings, settings_options
 from doublenat.settings import SettingError, Settings
 from doublenat.tools import checks
 from doublenat.tools.router import ToolRouter
