@@ -56,12 +56,7 @@ class Lab:
             latency=self.config.router_latency,
             profile=self.config.routeros,
         )
-        # A typical home router whose tunnel routes the VPN gateway (wg-proton on 7.x; 6.x
-        # has no WireGuard, so an OpenVPN client there).
-        state = self.router.state
-        self.vpn_interface = VPN_INTERFACE if state.profile.v7 else "ovpn-proton"
-        state.setup_home_router(vpn_gateway=self.config.gateway_host,
-                                vpn_interface=self.vpn_interface)
+        self._set_up_router()
         self.gateway = GatewayEmulator(
             self.config.gateway_host,
             self.config.gateway_port,
@@ -71,6 +66,15 @@ class Lab:
         self.daemon: Daemon | None = None
         self.settings: Settings | None = None
         self._emulators_started = False
+
+    def _set_up_router(self) -> None:
+        """A typical home router whose tunnel routes the VPN gateway (wg-proton on 7.x; 6.x
+        has no WireGuard, so an OpenVPN client there)."""
+        state = self.router.state
+        self.vpn_interface = VPN_INTERFACE if state.profile.v7 else "ovpn-proton"
+        state.setup_home_router(vpn_gateway=self.config.gateway_host,
+                                vpn_interface=self.vpn_interface)
+        self._router_set_up = self.router
 
     def environment(self) -> dict[str, str]:
         """The settings the lab's daemon runs with (password included: it is the lab's)."""
@@ -97,6 +101,9 @@ class Lab:
         if self._emulators_started:
             return
         self._emulators_started = True
+        if self.router is not self._router_set_up:
+            # A caller swapped in its own emulator (with TLS, say): give it the same setup.
+            self._set_up_router()
         self.router.start()
         self.gateway.start()
 
