@@ -550,16 +550,17 @@ class RouterOsEmulator:
             else:
                 server.start_accepting()
 
-    def reboot(self, renumber: bool = False, rst: bool = False) -> None:
+    def reboot(self, renumber: bool | Literal["compact"] = False, rst: bool = False) -> None:
         """The router restarts: every session drops, uptime starts again, state stays.
 
-        `renumber=True` also gives every row a new `.id` (rows and order kept). Whether a
-        real reboot renumbers is not recorded (GUESS), so it is a switch.
+        `renumber=True` also gives every row a new `.id` (rows and order kept);
+        `"compact"` numbers them from *1 again, so an old id may name another row.
+        Whether a real reboot renumbers is not recorded (GUESS), so it is a switch.
         """
         self.drop_all_connections(rst)
         self.state.reboot_clock()
         if renumber:
-            self.state.renumber()
+            self.state.renumber(compact=renumber == "compact")
 
     def drop_all_connections(self, rst: bool = False) -> None:
         """A router restart as the client sees it: every session ends, state stays."""

@@ -382,13 +382,17 @@ class Table:
         for row in rows:
             self._notify("remove", row)
 
-    def renumber(self) -> None:
+    def renumber(self, compact: bool = False) -> None:
         """Give every row a new id, keeping rows and order (a reboot that renumbers).
 
-        New ids continue the counter, so no old id names a row any more. Observers are
-        not told: nothing about the rules changed.
+        New ids continue the counter, so no old id names a row any more; with `compact`
+        they start again at *1, so an old id may name *another* row (the dangerous case
+        for a client that trusts cached ids). Observers are not told: nothing about the
+        rules changed.
         """
         renumbered: dict[int, Row] = {}
+        if compact:
+            self._next = 1
         for row in self._rows.values():
             number = self._next
             self._next += 1
@@ -683,7 +687,9 @@ class RouterState:
         self.identity = identity
         # Fields of /system/resource/print a test overrides; the rest follow the profile.
         self.resource: Row = {}
-        self.booted_at = time.monotonic()
+        # The router under test has been up for a while (a day), as a real one has: a
+        # reboot then shows as uptime going back, which is how the adapter notices one.
+        self.booted_at = time.monotonic() - 86400
         self.interfaces = InterfaceNames(self)
         self.routes = LegacyRoutes(self)
         if setup == "home":
@@ -807,11 +813,12 @@ class RouterState:
     def reboot_clock(self) -> None:
         self.booted_at = time.monotonic()
 
-    def renumber(self) -> None:
+    def renumber(self, compact: bool = False) -> None:
         """New ids for every table row, interface, address and route (GUESS: whether a
-        real reboot renumbers is not recorded)."""
+        real reboot renumbers is not recorded; if it does, `compact`, ids from *1 in
+        order, is the likely way)."""
         for table in self.tables.values():
-            table.renumber()
+            table.renumber(compact)
         self.routing.renumber()
 
     def resource_row(self) -> Row:
