@@ -62,7 +62,7 @@ from gevent import subprocess
 from gevent.event import Event
 from gevent.queue import Queue
 
-from doublenat.engine.events import ChangeKind, MappingChange
+from doublenat.engine.events import ChangeKind, MappingChange, change_fields
 from doublenat.protocol.natpmp import Proto
 from doublenat.settings import SettingError, parse_executable
 
@@ -237,8 +237,8 @@ class HookRunner:
             try:
                 self._run(key, change)
             except Exception:
-                log.exception("hook: runner failed", extra={"event": "hook.error",
-                                                            **_fields(change)})
+                log.exception("hook: runner failed",
+                              extra=change_fields("hook.error", change))
             finally:
                 self._running -= 1
                 if queue:
@@ -253,7 +253,7 @@ class HookRunner:
             self._idle.set()
 
     def _run(self, key: HookKey, change: MappingChange) -> None:
-        fields = {**_fields(change), "command": str(self.program)}
+        fields = {**change_fields("hook", change), "command": str(self.program)}
         outcome = self._execute(key, change, fields)
         record = {
             **fields,
@@ -352,7 +352,7 @@ class HookRunner:
             level = logging.WARNING
             self._last_drop_warning = now
         log.log(level, "hook event dropped", extra={
-            "event": "hook.dropped", **_fields(change), "reason": reason,
+            **change_fields("hook.dropped", change), "reason": reason,
             "dropped": self._drops_unreported, "queued": self._queued})
         if level == logging.WARNING:
             self._drops_unreported = 0
@@ -363,18 +363,6 @@ class HookRunner:
                 self._queued -= 1
                 self._drop(queue.popleft(), "shutdown timeout")
         self._settle()
-
-
-def _fields(change: MappingChange) -> dict[str, object]:
-    return {
-        "change": str(change.kind),
-        "client": str(change.client),
-        "protocol": change.proto.label,
-        "internal_port": change.internal_port,
-        "external_port": change.external_port,
-        "previous_external_port": change.previous_external_port,
-        "static": change.static,
-    }
 
 
 def _hook_path() -> str:

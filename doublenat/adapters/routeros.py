@@ -455,6 +455,12 @@ class RouterOsClient:
             return f"no answer within {self.timeout:g} s"
         if isinstance(exc, ssl.SSLCertVerificationError):
             return f"TLS certificate rejected: {exc.verify_message}"
+        if isinstance(exc, ssl.SSLError) and "HANDSHAKE_FAILURE" in str(exc):
+            hint = ("; api-ssl without a certificate offers only anonymous DH, which is "
+                    "accepted only with MIKROTIK_API_TLS_VERIFY=false"
+                    if self._ssl_context is not None
+                    and self._ssl_context.verify_mode != ssl.CERT_NONE else "")
+            return f"TLS handshake failed: no cipher both sides accept{hint}"
         text = " ".join(str(a) if not isinstance(a, bytes) else a.decode("utf-8", "replace")
                         for a in exc.args) or type(exc).__name__
         return self._redact(f"{type(exc).__name__}: {text}")

@@ -48,7 +48,7 @@ from doublenat.engine.contracts import (
     monotonic,
 )
 from doublenat.engine.epoch import UpstreamState
-from doublenat.engine.events import ChangeKind, MappingChange
+from doublenat.engine.events import ChangeKind, MappingChange, mapping_fields
 from doublenat.engine.locks import Joiner, KeyedLocks
 from doublenat.engine.model import (
     FOREVER,
@@ -813,29 +813,3 @@ class Mapper:
         if reason_code is not None:
             record["reason_code"] = reason_code
         log.log(level, event.replace(".", " "), extra=record)
-
-
-def mapping_fields(event: str, key: MappingKey | None, lease: Lease | None,
-                   fields: dict[str, object]) -> dict[str, object]:
-    """The fields every mapping record carries, None when unknown."""
-    record: dict[str, object] = {
-        "event": event,
-        "client": str(key.client) if key else None,
-        "protocol": key.proto.label if key else None,
-        "internal_port": key.internal_port if key else None,
-        "router_port": None,
-        "upstream_port": None,
-        "external_port": None,
-        "rule_id": None,
-        "interface": None,
-        "lifetime": None,
-        "static": None,
-        "result": None,
-    }
-    if lease is not None:
-        record.update(router_port=lease.router_port, upstream_port=lease.upstream_port,
-                      external_port=lease.external_port, rule_id=lease.rule.rule_id,
-                      interface=lease.interface, static=lease.static)
-    for name, value in fields.items():
-        record[name] = int(value) if isinstance(value, Result) else value
-    return record

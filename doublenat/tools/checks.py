@@ -323,8 +323,10 @@ class _RouterSession:
         if detection is None:
             return skipped(ROUTE, self.lost or "")
         if isinstance(detection, RouterError):
-            hint = policy_hint("read") if _is_permission(detection) else \
-                "set MIKROTIK_IN_INTERFACE to the VPN interface"
+            # Which policy /ip/route/check needs is not recorded: name both candidates.
+            hint = (policy_hint("read") + " (/ip/route/check may need 'test' instead)"
+                    if _is_permission(detection)
+                    else "set MIKROTIK_IN_INTERFACE to the VPN interface")
             return failed(ROUTE, str(detection), hint)
         if detection.source == "setting":
             return passed(ROUTE, "not needed: MIKROTIK_IN_INTERFACE is set")
