@@ -518,6 +518,11 @@ class Mapper:
             current = self.table.lease(holder.key)
             if not held or current is None or current.parked or current.router_port != port:
                 return False
+            if current.comment in self.table.writes:
+                # Its rule is being re-created, with an unknown outcome: a copy it does
+                # not know may be there, enabled; disabling the known one would not stop
+                # the port forwarding to it. Not parked: this move waits for a later try.
+                return False
             try:
                 ref = ruleops.update(self.router, current.rule, current.comment, disabled="yes")
             except RouterError:

@@ -352,3 +352,25 @@ def test_upstream_deletes_that_fail_at_shutdown_are_in_the_report() -> None:
     gateway.fail_always = None
     mapper.flush()  # a later flush (not at shutdown) sends it
     assert not gateway.mappings and not mapper.table.describe_leftovers()
+
+
+def test_a_mapping_whose_restore_has_an_unknown_outcome_is_not_parked() -> None:
+    """Seed 7011: B's rule vanished and its re-creation failed with the connection after
+    the router wrote it (the new rule is there, enabled, under an id nobody knows). Then
+    the gateway gave B's port to A: parking B disabled the rule B knew (gone already),
+    the restored copy stayed enabled, and the port forwarded to both clients."""
+    mapper, router, gateway, _ = make_mapper(port_mode="external")
+    gateway.proton = True
+    a_port = mapper.handle(A, MapRequest(Proto.UDP, 5000, 0, 60)).external_port
+    b_port = mapper.handle(B, MapRequest(Proto.UDP, 6000, 0, 60)).external_port
+    a_key, b_key = MappingKey(A, Proto.UDP, 5000), MappingKey(B, Proto.UDP, 6000)
+    del router.rules[mapper.leases[b_key].rule.rule_id]
+    router.fail_after["add_rule"] = TRANSPORT
+    Reconciler(mapper, router, "10.2.0.1").run_once()
+    assert any(w.restore and w.unknown for w in mapper.table.writes.values())
+    a_up, b_up = mapper.leases[a_key].upstream_port, mapper.leases[b_key].upstream_port
+    gateway.epoch = 0
+    gateway.mappings = {(Proto.UDP, a_up): b_port, (Proto.UDP, b_up): a_port}
+    mapper.refresh(a_key, "upstream lost")
+    assert all(len(clients) == 1 for clients in forwarding(router).values())
+    mapper.table.check()
