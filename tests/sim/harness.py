@@ -808,7 +808,8 @@ class Simulation:
                  f"table view {table.router}"]
         lines += [f"  lease {k}: rule {v.rule.rule_id}@{v.rule.session} port {v.router_port}"
                   f"->{v.to_port} upstream {v.upstream_port} ext {v.external_port} "
-                  f"if {v.interface}" for k, v in table.leases.items()]
+                  f"if {v.interface}{' parked' if v.parked else ''}"
+                  for k, v in table.leases.items()]
         lines += [f"  write {w}" for w in table.writes.values()]
         lines += [f"  candidate {k}: {c.rule}" for k, c in table.candidates.items()]
         lines += [f"  doomed {d}" for d in table.doomed.values()]
