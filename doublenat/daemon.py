@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import gevent
 from gevent.event import Event
 
 from doublenat import __version__
-from doublenat.adapters.front import NatPmpServer, bind_udp
+from doublenat.adapters.front import BindError, NatPmpServer, bind_udp
 from doublenat.adapters.routeros import RouterOsClient
 from doublenat.adapters.upstream import NatPmpClient
 from doublenat.engine.address import AddressService
@@ -26,6 +27,7 @@ from doublenat.engine.mapper import Mapper, MapperConfig
 from doublenat.engine.ratelimit import RateLimiter
 from doublenat.engine.reconcile import ReconcileLoop, Reconciler
 from doublenat.engine.responder import Responder
+from doublenat.observe.http import Observer
 from doublenat.settings import Settings
 
 log = logging.getLogger("doublenat.daemon")
@@ -55,9 +57,15 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.router: Router = router or RouterOsClient.from_settings(settings, clock=clock)
+        self.started_at: float | None = None  # Unix time
+        # METRICS_ADDR: /metrics, /status, /healthz (doublenat/observe/).
+        self.observer = Observer(settings.metrics_addr) if settings.metrics_addr else None
+        metrics = self.observer.metrics if self.observer is not None else None
+        self.router: Router = router or RouterOsClient.from_settings(
+            settings, clock=clock, observe_call=metrics.observe_router_call if metrics else None)
         self.gateway: Gateway = gateway or NatPmpClient(
-            settings.vpn_gateway, budget=settings.upstream_timeout, clock=clock
+            settings.vpn_gateway, budget=settings.upstream_timeout, clock=clock,
+            observe_request=metrics.observe_upstream_request if metrics else None,
         )
         self.epoch = Epoch(clock)
         self.upstream = UpstreamState(clock, on_lost=self._upstream_lost)
@@ -98,8 +106,16 @@ class Daemon:
     # ---------------------------------------------------------------- start
 
     def start(self) -> None:
-        """Bind and start serving; returns at once. Raises BindError if LISTEN_ADDR is taken."""
+        """Bind and start serving; returns at once. Raises BindError if LISTEN_ADDR (or
+        METRICS_ADDR) is taken."""
         sock = bind_udp(self.settings.listen)
+        if self.observer is not None:
+            try:
+                self.observer.bind()
+            except BindError:
+                sock.close()
+                raise
+        self.started_at = time.time()
         start_gateway = getattr(self.gateway, "start", None)
         if start_gateway is not None:
             start_gateway()
@@ -107,6 +123,8 @@ class Daemon:
         self.server.start()
         self.reconcile_loop.start()
         self._greenlets = [gevent.spawn(self._janitor), gevent.spawn(self._stats_loop)]
+        if self.observer is not None:
+            self.observer.start(self)
         host, port = sock.getsockname()
         log.info("doublenat serving NAT-PMP", extra={
             "event": "daemon.started", "version": __version__, "listen": f"{host}:{port}",
@@ -168,6 +186,8 @@ class Daemon:
                 closer()
         for handler in self._signal_handlers:
             handler.cancel()  # type: ignore[attr-defined]
+        if self.observer is not None:
+            self.observer.stop()
         report = ShutdownReport(drained, removed, left, self.clock() - started)
         log.log(logging.INFO if not left else logging.ERROR, "doublenat stopped", extra={
             "event": "daemon.stopped", "drained": drained, "mappings_closed": removed,

@@ -110,6 +110,7 @@ class RouterOsClient:
         size: int = 4,
         timeout: float = 5.0,
         clock: Clock = monotonic,
+        observe_call: Callable[[float], None] | None = None,
     ) -> None:
         self.address = address
         self._user = user
@@ -127,10 +128,12 @@ class RouterOsClient:
         self._waiting = 0  # greenlets waiting for a connection
         self.stats = RouterStats()
         self.closed = False
+        self._observe_call = observe_call  # seconds of each completed call (metrics)
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, size: int = 4, clock: Clock = monotonic
+        cls, settings: Settings, size: int = 4, clock: Clock = monotonic,
+        observe_call: Callable[[float], None] | None = None,
     ) -> RouterOsClient:
         return cls(
             settings.api_address,
@@ -142,6 +145,7 @@ class RouterOsClient:
             size=size,
             timeout=settings.router_timeout,
             clock=clock,
+            observe_call=observe_call,
         )
 
     # --------------------------------------------------------------- contract
@@ -289,7 +293,10 @@ class RouterOsClient:
             self._queue.put(connection)
         connection.calls += 1
         self.stats.calls += 1
-        self.stats.latencies.append(self._clock() - started)
+        seconds = self._clock() - started
+        self.stats.latencies.append(seconds)
+        if self._observe_call is not None:
+            self._observe_call(seconds)
         if self._waiting:
             # Let the greenlet waiting for a connection send its command now, before this
             # one goes on with its own work: keeps all four connections busy.

@@ -1,0 +1,170 @@
+"""What /metrics, /status and /healthz show, as plain frozen values.
+
+`snapshot_of(daemon)` is the one place that reads the daemon's internals; everything
+else in this package reads a `Snapshot`. When the engine moves its state, only
+`snapshot_of` follows it. What the daemon does not keep yet is read with a default
+(None, 0 or False), so the endpoint works before every feature exists.
+
+Building a snapshot does not yield to other greenlets: it is a consistent picture of
+one moment, and it costs microseconds (plus about a microsecond per mapping when the
+mappings are asked for, which only /status does).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from doublenat import __version__
+
+if TYPE_CHECKING:
+    from doublenat.daemon import Daemon
+
+InterfaceSource = Literal["setting", "route check", "route table"]
+PROTOCOLS = ("tcp", "udp")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStatus:
+    connected: bool  # the last connection attempt to the API succeeded
+    synchronised: bool  # rules listed, ports loaded and the VPN interface known
+    version: str | None  # RouterOS version, e.g. "7.16.2"
+    board: str | None
+    interface: str | None  # the VPN interface doublenat's rules use
+    interface_source: InterfaceSource | None
+    problem: str | None  # why not synchronised, in the operator's words
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStatus:
+    gateway: str  # VPN_GATEWAY as IP:PORT
+    public_address: str | None
+    epoch: int | None  # the gateway's epoch in its last answer
+    since_answer: float | None  # seconds since the gateway last answered anything
+    up: bool  # it answered, and nothing asked of it since has gone unanswered
+
+
+@dataclass(frozen=True, slots=True)
+class MappingStatus:
+    client: str
+    protocol: str  # "tcp" or "udp"
+    internal_port: int
+    external_port: int  # what the client was told (the gateway's port)
+    router_port: int  # dst-port of the rule on the VPN interface
+    rule_id: str
+    expires_in: float  # seconds until it ends unless renewed
+    lifetime: int | None  # seconds the client was last told
+    static: bool  # a STATIC_MAPPINGS entry
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCount:
+    opcode: int
+    result: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: str
+    started_at: float | None  # Unix time
+    epoch: int  # doublenat's own Seconds Since Start of Epoch
+    probe_interval: float  # UPSTREAM_PROBE_INTERVAL: /healthz judges the gateway by it
+    router: RouterStatus
+    upstream: UpstreamStatus
+    mapping_counts: tuple[tuple[str, int], ...]  # (protocol, live mappings), both protocols
+    mappings: tuple[MappingStatus, ...]  # every live mapping; empty unless asked for
+    requests: tuple[RequestCount, ...]  # answered requests by opcode and result
+    dropped: tuple[tuple[str, int], ...]  # unanswered datagrams: not_allowed, malformed,
+    # rate_limited
+    port_changes: int  # the gateway moved a mapping's external port
+    upstream_losses: int  # the gateway lost its mappings (epoch back, address changed)
+    hook_failures: int  # HOOK_COMMAND runs that failed, timed out or could not start
+
+
+_COUNT_KEY = re.compile(r"op(\d+)\.result(\d+)")
+# The responder's names of unanswered datagrams -> the names shown.
+_DROP_REASONS = {"denied": "not_allowed", "dropped": "malformed", "rate_limited": "rate_limited"}
+
+
+def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
+    """The daemon as it is now. `mappings`: list every live mapping (for /status)."""
+    mapper, router, gateway, upstream = daemon.mapper, daemon.router, daemon.gateway, \
+        daemon.upstream
+    now = daemon.clock()
+    leases = tuple(mapper.leases.values())
+
+    stats = getattr(router, "stats", None)
+    retry_at = getattr(router, "retry_at", None)  # 0.0 once a connection attempt succeeded
+    connected = bool(stats is not None and stats.connects) and \
+        (retry_at is None or retry_at() == 0.0)
+    problem = daemon.reconcile_loop.last_error
+    synchronised = mapper.router_ready and problem is None
+    if not synchronised and problem is None:
+        problem = "not synchronised with the router yet"
+    configured = daemon.settings.in_interface
+    router_status = RouterStatus(
+        connected=connected,
+        synchronised=synchronised,
+        version=getattr(daemon.reconciler, "router_version", None),
+        board=getattr(daemon.reconciler, "router_board", None),
+        interface=mapper.interface,
+        interface_source="setting" if configured else "route check" if mapper.interface
+        else None,
+        problem=problem,
+    )
+
+    answered_at = getattr(gateway, "last_answer_at", None)
+    failed_at = getattr(gateway, "last_timeout_at", None)
+    last_epoch = getattr(upstream, "_last_epoch", None)  # (epoch, when seen)
+    upstream_status = UpstreamStatus(
+        gateway=str(daemon.settings.vpn_gateway),
+        public_address=str(upstream.address) if upstream.address is not None else None,
+        epoch=last_epoch[0] if last_epoch is not None else None,
+        since_answer=None if answered_at is None else max(0.0, now - answered_at),
+        up=answered_at is not None and (failed_at is None or answered_at >= failed_at),
+    )
+
+    counts = {p: 0 for p in PROTOCOLS}
+    for lease in leases:
+        counts[lease.key.proto.label] += 1
+    listed: tuple[MappingStatus, ...] = ()
+    if mappings:
+        listed = tuple(
+            MappingStatus(
+                client=str(lease.key.client),
+                protocol=lease.key.proto.label,
+                internal_port=lease.key.internal_port,
+                external_port=lease.external_port,
+                router_port=lease.router_port,
+                rule_id=lease.rule_id,
+                expires_in=max(0.0, lease.expires_at - now),
+                lifetime=getattr(lease, "lifetime", None),
+                static=getattr(lease, "static", False),
+            )
+            for lease in sorted(leases, key=lambda lease: lease.key)
+        )
+
+    requests, responder_counts = [], daemon.responder.counts
+    for name, count in responder_counts.items():
+        match = _COUNT_KEY.fullmatch(name)
+        if match:
+            requests.append(RequestCount(int(match[1]), int(match[2]), count))
+
+    return Snapshot(
+        version=__version__,
+        started_at=getattr(daemon, "started_at", None),
+        epoch=daemon.epoch.seconds(),
+        probe_interval=daemon.settings.upstream_probe_interval,
+        router=router_status,
+        upstream=upstream_status,
+        mapping_counts=tuple(counts.items()),
+        mappings=listed,
+        requests=tuple(sorted(requests, key=lambda r: (r.opcode, r.result))),
+        dropped=tuple((shown, responder_counts.get(name, 0))
+                      for name, shown in _DROP_REASONS.items()),
+        port_changes=getattr(mapper, "port_changes", 0),
+        upstream_losses=upstream.generation,
+        hook_failures=getattr(daemon, "hook_failures", 0),
+    )
