@@ -2,7 +2,9 @@
 
 Healthy (200) when both hold:
 - the router is synchronised: doublenat is logged in, has listed the rules and knows the
-  VPN interface (an unreachable router, a refused login or no tunnel interface is not);
+  VPN interface, and its last connection attempt succeeded (an unreachable router, a
+  refused login or no tunnel interface is not). The router is only known to be gone once
+  a call to it fails: a client's request, or the next reconciliation;
 - the VPN gateway answered within the last two UPSTREAM_PROBE_INTERVALs. doublenat probes
   the gateway only while it holds mappings, so with no mapping live an older answer still
   counts, as long as nothing asked of the gateway since went unanswered.
@@ -30,7 +32,7 @@ class Health:
 
 def judge(snapshot: Snapshot) -> Health:
     router, upstream = snapshot.router, snapshot.upstream
-    if not router.synchronised:
+    if not (router.synchronised and router.connected):
         what = "router not synchronised" if router.connected else "router unreachable"
         return Health(False, f"{what}: {router.problem or 'no contact yet'}")
     window = PROBES_MISSED * snapshot.probe_interval

@@ -141,7 +141,8 @@ def families(s: Snapshot) -> list[Metric]:
 
     router, upstream = s.router, s.upstream
     gauge("doublenat_router_up", "1 when doublenat is synchronised with the router (logged "
-          "in, rules listed, VPN interface known), else 0.", int(router.synchronised))
+          "in, rules listed, VPN interface known) and still reaches it, else 0.",
+          int(router.synchronised and router.connected))
     gauge("doublenat_router_connected", "1 when the last connection attempt to the RouterOS "
           "API succeeded, else 0.", int(router.connected))
     gauge("doublenat_upstream_up", "1 when the VPN gateway has answered and nothing asked of "

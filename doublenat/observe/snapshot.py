@@ -6,23 +6,26 @@ else in this package reads a `Snapshot`. When the engine moves its state, only
 (None, 0 or False), so the endpoint works before every feature exists.
 
 Building a snapshot does not yield to other greenlets: it is a consistent picture of
-one moment, and it costs microseconds (plus about a microsecond per mapping when the
-mappings are asked for, which only /status does).
+one moment. It costs a fraction of a microsecond per live mapping (counting them by
+protocol); the mappings themselves are copied as the engine's immutable leases in one
+step and turned into `MappingStatus` only as they are read (`MappingList`), so /status
+can hand the hub back between chunks of a long list.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from doublenat import __version__
+from doublenat.protocol.natpmp import Proto
 
 if TYPE_CHECKING:
     from doublenat.daemon import Daemon
 
 InterfaceSource = Literal["setting", "route check", "route table"]
-PROTOCOLS = ("tcp", "udp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +77,36 @@ class Snapshot:
     router: RouterStatus
     upstream: UpstreamStatus
     mapping_counts: tuple[tuple[str, int], ...]  # (protocol, live mappings), both protocols
-    mappings: tuple[MappingStatus, ...]  # every live mapping; empty unless asked for
+    mappings: Sequence[MappingStatus]  # every live mapping; empty unless asked for
     requests: tuple[RequestCount, ...]  # answered requests by opcode and result
     dropped: tuple[tuple[str, int], ...]  # unanswered datagrams: not_allowed, malformed,
     # rate_limited
     port_changes: int  # the gateway moved a mapping's external port
     upstream_losses: int  # the gateway lost its mappings (epoch back, address changed)
     hook_failures: int  # HOOK_COMMAND runs that failed, timed out or could not start
+
+
+class MappingList(Sequence[MappingStatus]):
+    """Live mappings as copied at the snapshot's moment, converted when read."""
+
+    def __init__(self, items: Sequence[Any], convert: Callable[[Any], MappingStatus]) -> None:
+        self._items, self._convert = items, convert
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> MappingStatus: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[MappingStatus]: ...
+
+    def __getitem__(self, index: int | slice) -> MappingStatus | list[MappingStatus]:
+        if isinstance(index, slice):
+            return [self._convert(item) for item in self._items[index]]
+        return self._convert(self._items[index])
+
+    def __iter__(self) -> Iterator[MappingStatus]:
+        return map(self._convert, self._items)
 
 
 _COUNT_KEY = re.compile(r"op(\d+)\.result(\d+)")
@@ -93,7 +119,6 @@ def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
     mapper, router, gateway, upstream = daemon.mapper, daemon.router, daemon.gateway, \
         daemon.upstream
     now = daemon.clock()
-    leases = tuple(mapper.leases.values())
 
     stats = getattr(router, "stats", None)
     retry_at = getattr(router, "retry_at", None)  # 0.0 once a connection attempt succeeded
@@ -101,7 +126,9 @@ def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
         (retry_at is None or retry_at() == 0.0)
     problem = daemon.reconcile_loop.last_error
     synchronised = mapper.router_ready and problem is None
-    if not synchronised and problem is None:
+    if problem is None and stats is not None and stats.connects and not connected:
+        problem = "the last connection attempt to the RouterOS API failed"
+    elif problem is None and not synchronised:
         problem = "not synchronised with the router yet"
     configured = daemon.settings.in_interface
     router_status = RouterStatus(
@@ -126,25 +153,23 @@ def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
         up=answered_at is not None and (failed_at is None or answered_at >= failed_at),
     )
 
-    counts = {p: 0 for p in PROTOCOLS}
-    for lease in leases:
-        counts[lease.key.proto.label] += 1
-    listed: tuple[MappingStatus, ...] = ()
-    if mappings:
-        listed = tuple(
-            MappingStatus(
-                client=str(lease.key.client),
-                protocol=lease.key.proto.label,
-                internal_port=lease.key.internal_port,
-                external_port=lease.external_port,
-                router_port=lease.router_port,
-                rule_id=lease.rule_id,
-                expires_in=max(0.0, lease.expires_at - now),
-                lifetime=getattr(lease, "lifetime", None),
-                static=getattr(lease, "static", False),
-            )
-            for lease in sorted(leases, key=lambda lease: lease.key)
+    tcp = sum(key.proto is Proto.TCP for key in mapper.leases)
+    counts = {"tcp": tcp, "udp": len(mapper.leases) - tcp}
+
+    def status(lease: Any) -> MappingStatus:  # a Lease: frozen, safe to read later
+        return MappingStatus(
+            client=str(lease.key.client),
+            protocol=lease.key.proto.label,
+            internal_port=lease.key.internal_port,
+            external_port=lease.external_port,
+            router_port=lease.router_port,
+            rule_id=lease.rule_id,
+            expires_in=max(0.0, lease.expires_at - now),
+            lifetime=getattr(lease, "lifetime", None),
+            static=getattr(lease, "static", False),
         )
+
+    listed = MappingList(tuple(mapper.leases.values()) if mappings else (), status)
 
     requests, responder_counts = [], daemon.responder.counts
     for name, count in responder_counts.items():

@@ -83,7 +83,7 @@ tests:
           - exp_labels: {severity: critical, job: doublenat, instance: "nat:9815"}
             exp_annotations:
               summary: "the VPN gateway does not answer doublenat on nat:9815"
-              description: "Is the VPN tunnel up? Renewals are answered from valid leases for a while."
+              description: "Is the VPN tunnel up? Valid leases are still renewed meanwhile."
       - eval_time: 3m
         alertname: DoublenatUpstreamLosses
         exp_alerts:
