@@ -110,13 +110,13 @@ def make_app(metrics: Metrics, snapshot: SnapshotSource) -> Callable[..., Iterab
         try:
             if path == "/metrics":
                 body, content_type = metrics.exposition(environ.get("HTTP_ACCEPT", ""))
-                return _reply(start_response, "200 OK", body, content_type, head=method)
+                return _reply(start_response, "200 OK", body, content_type, method=method)
             if path == "/healthz":
                 health = judge(snapshot(False))
                 line = ("ok: " if health.healthy else "unhealthy: ") + health.reason + "\n"
                 return _reply(start_response, "200 OK" if health.healthy else
                               "503 Service Unavailable", line.encode(),
-                              "text/plain; charset=utf-8", head=method)
+                              "text/plain; charset=utf-8", method=method)
             current = snapshot(True)
             health = judge(current)
             # No Content-Length: streamed, chunked on HTTP/1.1.
@@ -134,11 +134,11 @@ def make_app(metrics: Metrics, snapshot: SnapshotSource) -> Callable[..., Iterab
 
 
 def _reply(start_response: StartResponse, status: str, body: bytes, content_type: str,
-           extra: list[tuple[str, str]] | None = None, head: str = "GET") -> list[bytes]:
+           extra: list[tuple[str, str]] | None = None, method: str = "GET") -> list[bytes]:
     start_response(status, [("Content-Type", content_type),
                             ("Content-Length", str(len(body))),
                             ("Cache-Control", "no-store"), *(extra or [])])
-    return [] if head == "HEAD" else [body]
+    return [] if method == "HEAD" else [body]
 
 
 def bind_tcp(address: Endpoint) -> socket.socket:
