@@ -13,6 +13,12 @@ The scraper is a thread of this process (pinned to CPU 1), with a keep-alive con
 like Prometheus's. Printed: per condition, the median rate and p50/p99 over the repeats,
 and the scrapes' own latency and size. `--out FILE` also writes every number as JSON.
 
+Rates and percentiles move with whatever else runs on a shared machine; the daemon's
+CPU time per scrape does not (much): before the load runs, `--cost-scrapes` scrapes of
+each path are made back to back against the idle daemon and its CPU time (utime + stime
+from /proc) is divided by their number. For /metrics that is also how long a scrape
+holds the event loop (it never yields); /status yields every 256 mappings.
+
     python -m bench.metrics_scrape                     # about a minute
     python -m bench.metrics_scrape --mappings 1000 --repeats 2 --duration 3
 """
@@ -80,6 +86,28 @@ def free_tcp_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape_cost(pid: int, address: str, path: str, count: int) -> dict[str, float]:
+    """Daemon CPU per scrape of `path`, `count` back-to-back scrapes on one connection."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    size = 0
+    try:
+        before, started = cpu_seconds(pid), time.monotonic()
+        for _ in range(count):
+            connection.request("GET", path)
+            size = len(connection.getresponse().read())
+        cpu, wall = cpu_seconds(pid) - before, time.monotonic() - started
+    finally:
+        connection.close()
+    return {"path": path, "scrapes": count, "cpu_ms_per_scrape": cpu / count * 1000,
+            "wall_ms_per_scrape": wall / count * 1000, "bytes": size}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     if procs.can_pin():
         os.sched_setaffinity(0, {procs.CLIENT_CPU})  # the scraper thread stays off CPU 0
@@ -99,6 +127,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                  "--window", "64", "--lifetime", "3600")
             if made["answered"] != args.mappings:
                 raise procs.BenchError(f"only {made['answered']} mappings made: {made}")
+        costs = [scrape_cost(daemon.pid, metrics_addr, path, count) for path, count in
+                 (("/metrics", args.cost_scrapes), ("/status", max(5, args.cost_scrapes // 10)),
+                  ("/healthz", args.cost_scrapes))]
+        for cost in costs:
+            print(json.dumps(cost), flush=True)
         runs: list[dict[str, Any]] = []
         for window in args.windows:
             for repeat in range(args.repeats):
@@ -125,7 +158,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                           flush=True)
         return {"mappings": args.mappings, "duration": args.duration,
                 "interval": args.interval, "repeats": args.repeats,
-                "load_average": os.getloadavg(), "runs": runs}
+                "load_average": os.getloadavg(), "costs": costs, "runs": runs}
     finally:
         if daemon is not None:
             daemon.terminate()
@@ -157,6 +190,11 @@ def summarise(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {window} | {condition} | {rate:,.0f} | x{rate / base:.3f} | "
                          f"{p50:.0f} µs | {p99:.0f} µs | {scrape} | "
                          f"{f'{size:,} B' if size else '—'} |")
+    lines += ["", "| path | daemon CPU per scrape | wall per scrape | size |", "|---|---|---|---|"]
+    for cost in results["costs"]:
+        lines.append(f"| {cost['path']} | {cost['cpu_ms_per_scrape']:.2f} ms | "
+                     f"{cost['wall_ms_per_scrape']:.2f} ms | {cost['bytes']:,} B |")
+    lines.append(f"(load average at the end: {results['load_average'][0]:.2f})")
     return lines
 
 
@@ -168,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
+    parser.add_argument("--cost-scrapes", type=int, default=200,
+                        help="back-to-back scrapes for the CPU cost (/status: a tenth)")
     parser.add_argument("--out", type=Path, help="write every number here as JSON")
     args = parser.parse_args(argv)
     results = measure(args)

@@ -147,6 +147,10 @@ def bind_tcp(address: Endpoint) -> socket.socket:
     try:
         # Lets a restarted doublenat rebind past TIME_WAIT; a live listener still refuses.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Inherited by accepted connections (Linux): pywsgi writes the headers and the body
+        # apart, and with Nagle the body waits for the scraper's delayed ACK, 40 ms per
+        # request on a kept-alive connection (measured: 44 ms per /healthz without it).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address.host, address.port))
         sock.listen(_BACKLOG)
     except OSError as exc:

@@ -143,3 +143,17 @@ def test_status_streamed_in_chunks_is_the_same_document(count: int) -> None:
     pieces = list(status_body(s, "fine", True))
     assert json.loads(b"".join(pieces)) == status_document(s, "fine", True)
     assert len(pieces) == 2 + -(-count // 256)  # head, one piece per 256 mappings, tail
+
+
+def test_connections_are_not_delayed_by_nagle() -> None:
+    # Accepted sockets inherit it: without, each kept-alive scrape waited 40 ms for the
+    # scraper's delayed ACK (44 ms per /healthz measured, 1 ms with it).
+    sock = bind_tcp(Endpoint("127.0.0.1", 0))
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        client = socket.create_connection(sock.getsockname(), timeout=5)
+        accepted, _ = sock.accept()
+        with client, accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
