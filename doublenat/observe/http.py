@@ -205,7 +205,8 @@ class Observer:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.stop(timeout=1)
+            # Idle kept-alive scrapers are not worth waiting for at shutdown.
+            self._server.stop(timeout=0.5)
             self._server = None
         elif self._socket is not None:
             self._socket.close()

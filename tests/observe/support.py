@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 import urllib.error
@@ -52,6 +51,8 @@ def run_doublenat(*args: str, **settings: str) -> subprocess.CompletedProcess[st
                           timeout=60)
 
 
-def random_loopback() -> str:
-    """A loopback address of its own, for natpmpc (which only talks to port 5351)."""
-    return f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+def own_loopback() -> str:
+    """A loopback address of this test process's own, for natpmpc (which only talks to
+    port 5351): from the pid, so parallel runs on one machine do not meet."""
+    pid = os.getpid()
+    return f"127.{100 + (pid >> 16) % 150}.{(pid >> 8) & 255}.{max(2, pid & 255)}"

@@ -15,7 +15,7 @@ from doublenat.adapters.front import BindError
 from doublenat.protocol.natpmp import Result
 from tests.lab_support import MakeLab
 from tests.needs import need_program
-from tests.observe.support import get, metrics_addr, random_loopback, run_doublenat, samples
+from tests.observe.support import get, metrics_addr, own_loopback, run_doublenat, samples
 from tests.probe import probe
 
 METRICS = {"METRICS_ADDR": "127.0.0.1:0"}
@@ -30,7 +30,7 @@ def natpmpc(host: str, *args: str) -> str:
 
 def test_mappings_show_in_metrics_status_and_the_status_command(make_lab: MakeLab) -> None:
     need_program("natpmpc")
-    host = random_loopback()
+    host = own_loopback()
     lab = make_lab(listen=f"{host}:5351", settings=METRICS)
     assert lab.daemon is not None
     tcp = natpmpc(host, "-a", "6881", "6881", "tcp", "60")
