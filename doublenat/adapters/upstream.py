@@ -53,9 +53,8 @@ class NatPmpClient:
         self.timeouts = 0
         self.ignored = 0
         self.latencies = stats.samples()
-        self._observe_request = observe_request  # seconds of each answered exchange (metrics)
-        self.last_answer_at: float | None = None  # on the clock: for /status and /healthz
-        self.last_timeout_at: float | None = None
+        self.observe_request = observe_request  # seconds of each answered exchange (metrics)
+        self.last_timeout_at: float | None = None  # on the clock: for /status and /healthz
 
     # -------------------------------------------------------------- lifecycle
 
@@ -113,10 +112,10 @@ class NatPmpClient:
                     waiter.wait(min(wait, left))
                     if waiter.ready():
                         reply = waiter.get()  # raises if the client was closed meanwhile
-                        self.last_answer_at = now = self._clock()
-                        self.latencies.append(now - started)
-                        if self._observe_request is not None:
-                            self._observe_request(now - started)
+                        elapsed = self._clock() - started
+                        self.latencies.append(elapsed)
+                        if self.observe_request is not None:
+                            self.observe_request(elapsed)
                         return reply
                     wait *= 2
             finally:

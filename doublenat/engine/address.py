@@ -1,14 +1,23 @@
 """Opcode 0: the VPN gateway's public address, asked once for many clients.
 
 Concurrent requests share one upstream query and a recent answer is reused for a short
-while, so a burst of opcode-0 requests (natpmpc sends one before every mapping) costs
-the gateway one round trip.
+while (TTL, 10 s), so a burst of opcode-0 requests (natpmpc sends one before every
+mapping) costs the gateway one round trip.
+
+When the gateway does not answer a refresh, the last known address is still served (and
+the refresh retried in the background) as long as no upstream loss was seen since it was
+learned and the gateway answered anything within STALE_FOR (120 s): natpmpc asks opcode 0
+before every mapping, and a short gateway blip must not stop renewals that are answered
+from valid leases (SPEC §3). Result 3 only when no address was ever known or the outage
+outlived that.
 """
 
 from __future__ import annotations
 
 import logging
 from ipaddress import IPv4Address
+
+import gevent
 
 from doublenat.engine.contracts import Clock, Gateway, GatewayError, monotonic
 from doublenat.engine.epoch import UpstreamState
@@ -18,6 +27,8 @@ from doublenat.protocol.natpmp import NO_ADDRESS, Result
 log = logging.getLogger("doublenat.address")
 
 DEFAULT_TTL = 10.0
+STALE_FOR = 120.0
+_RETRY_EVERY = 2.0
 
 
 class AddressService:
@@ -32,37 +43,74 @@ class AddressService:
         self.upstream = upstream
         self.clock = clock
         self.ttl = ttl
-        self._cached: tuple[float, Result, IPv4Address] | None = None
+        # (when, address, upstream generation it was learned in)
+        self._cached: tuple[float, IPv4Address, int] | None = None
+        self._stale_mode = False  # a refresh failed: serve the last address meanwhile
+        self._retrier: gevent.Greenlet | None = None
         self._joiner: Joiner[str, tuple[Result, IPv4Address]] = Joiner()
         self.queries = 0
 
     def cached(self, margin: float = 0.0) -> bool:
-        """Would `lookup()` answer from its cache (for `margin` seconds more at least)?"""
+        """Would `lookup()` answer at once (for `margin` seconds more at least)?"""
         cached = self._cached
-        return cached is not None and self.clock() - cached[0] < self.ttl - margin
+        if cached is None:
+            return False
+        if self.clock() - cached[0] < self.ttl - margin:
+            return True
+        return self._stale_mode and self._stale_ok(margin)
 
     def lookup(self) -> tuple[Result, IPv4Address]:
         cached = self._cached
-        if cached is not None and self.clock() - cached[0] < self.ttl:
-            return cached[1], cached[2]
-        return self._joiner.run("address", self.refresh)
+        if cached is not None and (self.clock() - cached[0] < self.ttl
+                                   or (self._stale_mode and self._stale_ok())):
+            return Result.SUCCESS, cached[1]
+        return self._joiner.run("address", self._refresh_or_stale)
+
+    def _stale_ok(self, margin: float = 0.0) -> bool:
+        cached, last = self._cached, self.upstream.last_answer_at
+        return (cached is not None and last is not None
+                and cached[2] == self.upstream.generation
+                and self.clock() - last < STALE_FOR - margin)
+
+    def _refresh_or_stale(self) -> tuple[Result, IPv4Address]:
+        result, address = self.refresh()
+        if result == Result.SUCCESS or not self._stale_ok():
+            return result, address
+        assert self._cached is not None
+        self._stale_mode = True
+        if self._retrier is None:
+            self._retrier = gevent.spawn(self._retry)
+        return Result.SUCCESS, self._cached[1]
 
     def refresh(self) -> tuple[Result, IPv4Address]:
+        """Ask the gateway now (the probe also calls this)."""
         self.queries += 1
         try:
             answer = self.gateway.public_address()
         except GatewayError as exc:
             log.warning("VPN gateway did not tell its public address", extra={
                 "event": "upstream.address_failed", "reason": str(exc)})
-            self._cached = None
             return Result.NETWORK_FAILURE, NO_ADDRESS
         self.upstream.saw_epoch(answer.epoch)
         if answer.result != Result.SUCCESS:
-            self._cached = None
+            self._cached, self._stale_mode = None, False
             return answer.result, NO_ADDRESS
         self.upstream.saw_address(answer.address)
-        self._cached = (self.clock(), Result.SUCCESS, answer.address)
+        self._cached = (self.clock(), answer.address, self.upstream.generation)
+        self._stale_mode = False
         return Result.SUCCESS, answer.address
 
+    def _retry(self) -> None:
+        try:
+            while self._stale_mode and self._stale_ok():
+                gevent.sleep(_RETRY_EVERY)
+                self.refresh()
+        finally:
+            self._retrier = None
+
     def forget(self) -> None:
-        self._cached = None
+        self._cached, self._stale_mode = None, False
+
+    def close(self) -> None:
+        if self._retrier is not None:
+            self._retrier.kill()

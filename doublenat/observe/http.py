@@ -176,6 +176,15 @@ class Observer:
         self._socket: socket.socket | None = None
         self._server: WSGIServer | None = None
 
+    def watch_latencies(self, router: object, gateway: object) -> None:
+        """Have the adapters report each call's duration to the histograms (an injected
+        router or gateway without the hook is left alone)."""
+        if hasattr(router, "observe_call"):
+            router.observe_call = self.metrics.observe_router_call  # type: ignore[attr-defined]
+        if hasattr(gateway, "observe_request"):
+            gateway.observe_request = (  # type: ignore[attr-defined]
+                self.metrics.observe_upstream_request)
+
     def bind(self) -> None:
         self._socket = bind_tcp(self.address)
 

@@ -2,8 +2,8 @@
 
 `snapshot_of(daemon)` is the one place that reads the daemon's internals; everything
 else in this package reads a `Snapshot`. When the engine moves its state, only
-`snapshot_of` follows it. What the daemon does not keep yet is read with a default
-(None, 0 or False), so the endpoint works before every feature exists.
+`snapshot_of` follows it. What the daemon does not keep yet (hook failures) is read
+with a default, so the endpoint works before every feature exists.
 
 Building a snapshot does not yield to other greenlets: it is a consistent picture of
 one moment. It costs a fraction of a microsecond per live mapping (counting them by
@@ -116,45 +116,40 @@ _DROP_REASONS = {"denied": "not_allowed", "dropped": "malformed", "rate_limited"
 
 def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
     """The daemon as it is now. `mappings`: list every live mapping (for /status)."""
-    mapper, router, gateway, upstream = daemon.mapper, daemon.router, daemon.gateway, \
-        daemon.upstream
+    table, mapper, router, gateway, upstream = daemon.table, daemon.mapper, daemon.router, \
+        daemon.gateway, daemon.upstream
     now = daemon.clock()
 
     stats = getattr(router, "stats", None)
     retry_at = getattr(router, "retry_at", None)  # 0.0 once a connection attempt succeeded
     connected = bool(stats is not None and stats.connects) and \
         (retry_at is None or retry_at() == 0.0)
-    problem = daemon.reconcile_loop.last_error
-    synchronised = mapper.router_ready and problem is None
+    view = table.router  # None unless synchronised
+    problem = table.problem
     if problem is None and stats is not None and stats.connects and not connected:
         problem = "the last connection attempt to the RouterOS API failed"
-    elif problem is None and not synchronised:
-        problem = "not synchronised with the router yet"
-    configured = daemon.settings.in_interface
     router_status = RouterStatus(
         connected=connected,
-        synchronised=synchronised,
-        version=getattr(daemon.reconciler, "router_version", None),
-        board=getattr(daemon.reconciler, "router_board", None),
-        interface=mapper.interface,
-        interface_source="setting" if configured else "route check" if mapper.interface
-        else None,
+        synchronised=view is not None,
+        version=view.version if view is not None else None,
+        board=view.board if view is not None else None,
+        interface=view.interface if view is not None else None,
+        interface_source=view.source if view is not None else None,
         problem=problem,
     )
 
-    answered_at = getattr(gateway, "last_answer_at", None)
+    answered_at = upstream.last_answer_at
     failed_at = getattr(gateway, "last_timeout_at", None)
-    last_epoch = getattr(upstream, "_last_epoch", None)  # (epoch, when seen)
     upstream_status = UpstreamStatus(
         gateway=str(daemon.settings.vpn_gateway),
         public_address=str(upstream.address) if upstream.address is not None else None,
-        epoch=last_epoch[0] if last_epoch is not None else None,
+        epoch=upstream.epoch,
         since_answer=None if answered_at is None else max(0.0, now - answered_at),
         up=answered_at is not None and (failed_at is None or answered_at >= failed_at),
     )
 
-    tcp = sum(key.proto is Proto.TCP for key in mapper.leases)
-    counts = {"tcp": tcp, "udp": len(mapper.leases) - tcp}
+    tcp = sum(key.proto is Proto.TCP for key in table.leases)
+    counts = {"tcp": tcp, "udp": len(table.leases) - tcp}
 
     def status(lease: Any) -> MappingStatus:  # a Lease: frozen, safe to read later
         return MappingStatus(
@@ -163,13 +158,13 @@ def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
             internal_port=lease.key.internal_port,
             external_port=lease.external_port,
             router_port=lease.router_port,
-            rule_id=lease.rule_id,
+            rule_id=lease.rule.rule_id,
             expires_in=max(0.0, lease.expires_at - now),
-            lifetime=getattr(lease, "lifetime", None),
-            static=getattr(lease, "static", False),
+            lifetime=lease.told,
+            static=lease.static,
         )
 
-    listed = MappingList(tuple(mapper.leases.values()) if mappings else (), status)
+    listed = MappingList(tuple(table.leases.values()) if mappings else (), status)
 
     requests, responder_counts = [], daemon.responder.counts
     for name, count in responder_counts.items():
@@ -179,7 +174,7 @@ def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
 
     return Snapshot(
         version=__version__,
-        started_at=getattr(daemon, "started_at", None),
+        started_at=daemon.started_at,
         epoch=daemon.epoch.seconds(),
         probe_interval=daemon.settings.upstream_probe_interval,
         router=router_status,
@@ -189,7 +184,7 @@ def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
         requests=tuple(sorted(requests, key=lambda r: (r.opcode, r.result))),
         dropped=tuple((shown, responder_counts.get(name, 0))
                       for name, shown in _DROP_REASONS.items()),
-        port_changes=getattr(mapper, "port_changes", 0),
-        upstream_losses=upstream.generation,
-        hook_failures=getattr(daemon, "hook_failures", 0),
+        port_changes=mapper.counters.get("port_changes", 0),
+        upstream_losses=upstream.losses,
+        hook_failures=getattr(daemon, "hook_failures", 0),  # no hooks yet (SPEC §9)
     )

@@ -38,7 +38,7 @@ class ToolRouter(RouterOsClient):
     ) -> list[dict[str, Any]]:
         """A read-only command; retried once if a pooled connection turned out dead."""
 
-        def run(api: Any) -> list[dict[str, Any]]:
+        def run(api: Any, _session: int) -> list[dict[str, Any]]:
             rows = api.get_resource(path).call(verb, dict(words or {}), dict(queries or {}))
             return [dict(row) for row in rows]
 
@@ -47,7 +47,7 @@ class ToolRouter(RouterOsClient):
     def add_once(self, path: str, words: Mapping[str, str]) -> str:
         """`add` without any retry (the caller cleans up by comment); returns the new id."""
 
-        def run(api: Any) -> str:
+        def run(api: Any, _session: int) -> str:
             response = api.get_resource(path).call("add", dict(words))
             return str(response.done_message["ret"])
 

@@ -40,7 +40,7 @@ import pytest
 
 from doublenat import logs
 from doublenat.adapters.routeros import RouterOsClient
-from doublenat.engine.contracts import RouterError, RuleSpec
+from doublenat.engine.contracts import RouterError, RuleRef, RuleSpec
 from doublenat.lab.gateway import GatewayEmulator
 from doublenat.lab.routeros import RouterOsEmulator
 from doublenat.lab.routeros.faults import FaultKind, FaultSpec, Match
@@ -173,7 +173,7 @@ def test_adapter_failures_never_show_the_password(
             clock=lambda: 0.0)  # a frozen clock: no backoff between attempts
         raised: list[BaseException] = []
         for call in (client.identity, client.list_rules, lambda: client.add_rule(_spec()),
-                     lambda: client.remove_rule("*1"), client.identity):
+                     lambda: client.remove_rule(RuleRef("*1", 1)), client.identity):
             try:
                 call()
             except (RouterError, OSError) as exc:
