@@ -128,6 +128,11 @@ class MappingTable:
     def lease(self, key: MappingKey) -> Lease | None:
         return self._leases.get(key)
 
+    @property
+    def counted_clients(self) -> int:
+        """Clients with a mapping or a write counted against their quota."""
+        return len(self._per_client)
+
     def held_by(self, client: IPv4Address) -> int:
         """Mappings counted against the client's quota (leases and writes in flight)."""
         return self._per_client.get(client, 0)
