@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 from doublenat.observe.health import judge
 from doublenat.observe.snapshot import snapshot_of
@@ -98,3 +99,47 @@ def test_serve_with_a_bad_metrics_addr_is_a_settings_error() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "doublenat: error: METRICS_ADDR: 'localhost' is not an IPv4 address"]
+
+
+def wait_for(predicate, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_router_version_and_board_come_from_the_router(make_lab: MakeLab) -> None:
+    lab = make_lab()
+    assert lab.daemon is not None
+    router = snapshot_of(lab.daemon).router
+    resource = lab.router.state.resource  # what the emulated router says of itself
+    assert router.version == resource["version"] and router.board == resource["board-name"]
+
+
+def test_a_static_mapping_is_listed_as_static(make_lab: MakeLab) -> None:
+    lab = make_lab(settings={**METRICS, "STATIC_MAPPINGS": "tcp:192.168.88.10:32400"})
+    assert wait_for(lambda: len(json.loads(get(lab, "/status")[2])["mappings"]) == 1)
+    [static] = json.loads(get(lab, "/status")[2])["mappings"]
+    assert (static["client"], static["protocol"], static["internal_port"], static["static"]) \
+        == ("192.168.88.10", "tcp", 32400, True)
+
+
+def test_upstream_losses_and_moved_ports_are_counted(make_lab: MakeLab) -> None:
+    lab = make_lab(profile="proton", settings={**METRICS, "UPSTREAM_PROBE_INTERVAL": "1"})
+    assert lab.daemon is not None
+    with probe(lab.daemon.address) as client:
+        # An 8 s lease: renewals within its first eighth are answered from the lease.
+        first = client.udp(6881, 0, lifetime=8).external_port
+        lab.gateway.change_ports()  # the next renewal upstream gets another port
+        time.sleep(1.2)
+        moved = client.udp(6881, first, lifetime=8).external_port
+    assert moved != first
+    assert wait_for(lambda: samples(lab)[("doublenat_port_changes_total", ())] == 1)
+    with probe(lab.daemon.address) as client:
+        client.tcp(7000, 0, lifetime=3600)  # probes run while a mapping lives
+    # A VPN reconnect to another server: the next probe sees another public address.
+    lab.gateway.set_public_address("11.22.33.55")
+    assert wait_for(lambda: samples(lab)[("doublenat_upstream_losses_total", ())] == 1)
+    assert snapshot_of(lab.daemon).upstream_losses == 1
