@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
@@ -31,8 +32,10 @@ from doublenat.engine.reconcile import ReconcileLoop, Reconciler
 from doublenat.engine.responder import Responder
 from doublenat.engine.state import MappingTable
 from doublenat.engine.upkeep import Upkeep
-from doublenat.observe.http import Observer
 from doublenat.settings import Settings
+
+if TYPE_CHECKING:
+    from doublenat.observe.http import Observer
 
 log = logging.getLogger("doublenat.daemon")
 
@@ -99,9 +102,12 @@ class Daemon:
         )
         self.server: NatPmpServer | None = None
         self.started_at: float | None = None  # Unix time
-        # METRICS_ADDR: /metrics, /status, /healthz (doublenat/observe/).
-        self.observer = Observer(settings.metrics_addr) if settings.metrics_addr else None
-        if self.observer is not None:
+        # METRICS_ADDR: /metrics, /status, /healthz (doublenat/observe/; imported only then).
+        self.observer: Observer | None = None
+        if settings.metrics_addr is not None:
+            from doublenat.observe import http
+
+            self.observer = http.Observer(settings.metrics_addr)
             self.observer.watch_latencies(self.router, self.gateway)
         self.stopping = Event()
         self.stopped = Event()
