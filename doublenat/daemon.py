@@ -32,6 +32,7 @@ from doublenat.engine.reconcile import ReconcileLoop, Reconciler
 from doublenat.engine.responder import Responder
 from doublenat.engine.state import MappingTable
 from doublenat.engine.upkeep import Upkeep
+from doublenat.hooks import HookRunner
 from doublenat.settings import Settings
 
 if TYPE_CHECKING:
@@ -71,6 +72,10 @@ class Daemon:
         self.upstream = UpstreamState(clock, on_lost=self._upstream_lost)
         self.table = MappingTable(settings.port_range, settings.max_mappings_per_client)
         self.change_listeners: list[Callable[[MappingChange], None]] = []
+        self.hooks: HookRunner | None = None
+        if settings.hook_command is not None:
+            self.hooks = HookRunner(str(settings.hook_command), settings.hook_timeout)
+            self.change_listeners.append(self.hooks.submit)
         self.mapper = Mapper(
             self.router,
             self.gateway,
@@ -193,6 +198,9 @@ class Daemon:
         # Counted from the state, not along the way: a cleanup cut short by the timeout
         # leaves records behind, and they are what may be left on the router or gateway.
         left = self.table.describe_leftovers()
+        if self.hooks is not None:
+            # The shutdown's `deleted` events are worth delivering, within what is left.
+            self.hooks.close(max(1.0, budget - (self.clock() - started)))
         self._log_stats(final=True)
         if self.server is not None:
             self.server.close()

@@ -31,11 +31,14 @@ _MAX_DATAGRAM = 8192
 _MAX_INLINE = 64
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 _RECEIVE_BUFFER = 1 << 20
-# Handlers one client may hold at once. A request waiting on a silent gateway holds its
-# handler for the whole upstream budget: without a bound, two clients retransmitting
-# new mappings could take the whole pool, and a full pool stops reading (so even answers
-# that need no handler stop). Beyond it the client's datagram is dropped; it retransmits.
+# Handlers one client may hold once the pool runs low. A request waiting on a silent
+# gateway holds its handler for the whole upstream budget: without a bound, two clients
+# retransmitting new mappings could take the whole pool, and a full pool stops reading
+# (so even answers that need no handler stop). While fewer than RESERVE handlers are
+# free, a client already holding PER_CLIENT gets its datagram dropped (it retransmits);
+# the reserve stays for everyone else. A busy but lone client is never held back.
 PER_CLIENT = 16
+RESERVE = 20
 
 
 class BindError(OSError):
@@ -85,7 +88,7 @@ class NatPmpServer(DatagramServer):
                 continue
             if not done:
                 held = self._busy.get(client, 0)
-                if held >= PER_CLIENT:
+                if held >= PER_CLIENT and self.pool.free_count() <= RESERVE:  # type: ignore[union-attr]
                     self.busy_dropped += 1
                     continue
                 self._busy[client] = held + 1

@@ -44,6 +44,7 @@ from doublenat.engine.contracts import (
     NatRule,
     NoSuchItem,
     NotPermitted,
+    NotSent,
     RouterTrap,
     RouterUnavailable,
     Row,
@@ -103,11 +104,16 @@ class RouterStats:
 
 
 class _Transport(Exception):
-    """A call failed below the API level; `reused` says the connection had worked before."""
+    """A call failed below the API level; `reused` says the connection had worked before,
+    `sent` that the command itself had been handed to the connection."""
 
-    def __init__(self, message: str, reused: bool) -> None:
+    def __init__(self, message: str, reused: bool, sent: bool) -> None:
         super().__init__(message)
         self.reused = reused
+        self.sent = sent
+
+    def unavailable(self) -> RouterUnavailable:
+        return RouterUnavailable(str(self)) if self.sent else NotSent(str(self))
 
 
 class RouterOsClient:
@@ -188,8 +194,15 @@ class RouterOsClient:
         try:
             return self._call(add)
         except _Transport as failed:
+            if not failed.sent:
+                raise failed.unavailable() from None
             # The add may have been applied before the connection broke: look first.
-            existing = self.find_rules(spec.comment)
+            try:
+                existing = self.find_rules(spec.comment)
+            except RouterUnavailable as exc:
+                # The add was sent: whether it took effect is unknown, whatever stops the
+                # lookup.
+                raise RouterUnavailable(f"{failed}; then {exc}") from None
             if existing:
                 return existing[0].ref
             if not failed.reused:
@@ -235,6 +248,28 @@ class RouterOsClient:
         """Before this monotonic time a new connection attempt is not worth making."""
         return self._down_until
 
+    # ---------------------------------------------------- for the operator tools
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The context the API connections use (None without TLS)."""
+        return self._ssl_context
+
+    def read(self, path: str, verb: str = "print",
+             words: dict[str, str | None] | None = None,
+             queries: dict[str, str] | None = None) -> list[Row]:
+        """Any read-only command; retried once if a pooled connection turned out dead."""
+        return self._rows(path, verb, dict(words or {}), queries)
+
+    def add_once(self, path: str, words: dict[str, str]) -> RuleRef:
+        """`add` without any retry (the caller cleans up by comment); returns the new id."""
+
+        def run(api: Any, session: int) -> RuleRef:
+            response = api.get_resource(path).call("add", dict(words))
+            return RuleRef(str(response.done_message["ret"]), session)
+
+        return self._call_or_raise(run)
+
     def close(self) -> None:
         self.closed = True
         while True:
@@ -267,7 +302,7 @@ class RouterOsClient:
             return self._call(work, session)
         except _Transport as failed:
             if not failed.reused:
-                raise RouterUnavailable(str(failed)) from None
+                raise failed.unavailable() from None
             self.stats.retries += 1
             return self._call_or_raise(work, session)
 
@@ -275,7 +310,7 @@ class RouterOsClient:
         try:
             return self._call(work, session)
         except _Transport as failed:
-            raise RouterUnavailable(str(failed)) from None
+            raise failed.unavailable() from None
 
     def _call(self, work: Work[T], session: int | None = None) -> T:
         """Run `work(api, session)` on a pooled connection. With `session`, the command
@@ -284,7 +319,7 @@ class RouterOsClient:
         try:
             connection = self._queue.get(timeout=self.timeout)
         except Empty:
-            raise RouterUnavailable(
+            raise NotSent(
                 f"all {self.size} API connections stayed busy for {self.timeout:g} s"
             ) from None
         finally:
@@ -292,6 +327,7 @@ class RouterOsClient:
         reused = connection.api is not None
         started = self._clock()
         in_step = False  # is the connection known to be between two sentences?
+        sent = False
         try:
             with gevent.Timeout(self.timeout, _Deadline):
                 if connection.api is None:
@@ -300,6 +336,7 @@ class RouterOsClient:
                     in_step = True
                     raise StaleSession(
                         f"rule id from router session {session}, now {connection.session}")
+                sent = True
                 result = work(connection.api, connection.session)
             in_step = True
         except RouterOsApiCommunicationError as exc:
@@ -314,7 +351,7 @@ class RouterOsClient:
                 IndexError) as exc:
             self.stats.discarded += 1
             self._suspect = True  # the router may restart while we cannot see it
-            raise _Transport(self._describe(exc), reused) from None
+            raise _Transport(self._describe(exc), reused, sent) from None
         finally:
             if not in_step:
                 connection.discard()  # whatever broke it (a caller's timeout included)
@@ -334,7 +371,7 @@ class RouterOsClient:
     def _connect(self, connection: _Connection) -> None:
         now = self._clock()
         if now < self._down_until:
-            raise RouterUnavailable(
+            raise NotSent(
                 f"router {self.address} unreachable; next attempt in "
                 f"{self._down_until - now:.1f} s"
             )
@@ -352,7 +389,7 @@ class RouterOsClient:
         except RouterOsApiCommunicationError as exc:
             api_pool.disconnect()
             self._connect_failed()
-            raise RouterUnavailable(
+            raise NotSent(
                 f"login to {self.address} as {self._user!r} failed: "
                 f"{self._redact(exc.original_message)}"
             ) from None
@@ -360,7 +397,7 @@ class RouterOsClient:
             api_pool.disconnect()
             if isinstance(exc, Exception | _Deadline):
                 self._connect_failed()
-                raise RouterUnavailable(
+                raise NotSent(
                     f"cannot connect to {self.address}: {self._describe(exc)}"
                 ) from None
             raise
@@ -418,6 +455,12 @@ class RouterOsClient:
             return f"no answer within {self.timeout:g} s"
         if isinstance(exc, ssl.SSLCertVerificationError):
             return f"TLS certificate rejected: {exc.verify_message}"
+        if isinstance(exc, ssl.SSLError) and "HANDSHAKE_FAILURE" in str(exc):
+            hint = ("; api-ssl without a certificate offers only anonymous DH, which is "
+                    "accepted only with MIKROTIK_API_TLS_VERIFY=false"
+                    if self._ssl_context is not None
+                    and self._ssl_context.verify_mode != ssl.CERT_NONE else "")
+            return f"TLS handshake failed: no cipher both sides accept{hint}"
         text = " ".join(str(a) if not isinstance(a, bytes) else a.decode("utf-8", "replace")
                         for a in exc.args) or type(exc).__name__
         return self._redact(f"{type(exc).__name__}: {text}")

@@ -4,12 +4,15 @@ Concurrent requests share one upstream query and a recent answer is reused for a
 while (TTL, 10 s), so a burst of opcode-0 requests (natpmpc sends one before every
 mapping) costs the gateway one round trip.
 
-When the gateway does not answer a refresh, the last known address is still served (and
-the refresh retried in the background) as long as no upstream loss was seen since it was
-learned and the gateway answered anything within STALE_FOR (120 s): natpmpc asks opcode 0
-before every mapping, and a short gateway blip must not stop renewals that are answered
-from valid leases (SPEC §3). Result 3 only when no address was ever known or the outage
-outlived that.
+Once the cache is older than that, the last known address is still served at once
+while a refresh runs in the background, as long as no upstream loss was seen since it
+was learned and the gateway answered anything within STALE_FOR (120 s); a refresh that
+fails is retried in the background. natpmpc asks opcode 0 before every mapping, and a
+short gateway blip must not stop renewals that are answered from valid leases (SPEC §3);
+nor may the answer wait for the gateway's retransmission budget: natpmpc retransmits
+meanwhile, and the answers to its retransmissions, arriving after it moved on to its
+mapping request, are read by it as the mapping's answer. Result 3 only when no address
+was ever known or the outage outlived that.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ class AddressService:
         self.ttl = ttl
         # (when, address, upstream generation it was learned in)
         self._cached: tuple[float, IPv4Address, int] | None = None
-        self._stale_mode = False  # a refresh failed: serve the last address meanwhile
         self._retrier: gevent.Greenlet | None = None
         self._joiner: Joiner[str, tuple[Result, IPv4Address]] = Joiner()
         self.queries = 0
@@ -55,32 +57,23 @@ class AddressService:
         cached = self._cached
         if cached is None:
             return False
-        if self.clock() - cached[0] < self.ttl - margin:
-            return True
-        return self._stale_mode and self._stale_ok(margin)
+        return self.clock() - cached[0] < self.ttl - margin or self._stale_ok(margin)
 
     def lookup(self) -> tuple[Result, IPv4Address]:
         cached = self._cached
-        if cached is not None and (self.clock() - cached[0] < self.ttl
-                                   or (self._stale_mode and self._stale_ok())):
+        if cached is not None and self.clock() - cached[0] < self.ttl:
             return Result.SUCCESS, cached[1]
-        return self._joiner.run("address", self._refresh_or_stale)
+        if cached is not None and self._stale_ok():
+            if self._retrier is None:
+                self._retrier = gevent.spawn(self._retry)
+            return Result.SUCCESS, cached[1]
+        return self._joiner.run("address", self.refresh)
 
     def _stale_ok(self, margin: float = 0.0) -> bool:
         cached, last = self._cached, self.upstream.last_answer_at
         return (cached is not None and last is not None
                 and cached[2] == self.upstream.generation
                 and self.clock() - last < STALE_FOR - margin)
-
-    def _refresh_or_stale(self) -> tuple[Result, IPv4Address]:
-        result, address = self.refresh()
-        if result == Result.SUCCESS or not self._stale_ok():
-            return result, address
-        assert self._cached is not None
-        self._stale_mode = True
-        if self._retrier is None:
-            self._retrier = gevent.spawn(self._retry)
-        return Result.SUCCESS, self._cached[1]
 
     def refresh(self) -> tuple[Result, IPv4Address]:
         """Ask the gateway now (the probe also calls this)."""
@@ -93,23 +86,25 @@ class AddressService:
             return Result.NETWORK_FAILURE, NO_ADDRESS
         self.upstream.saw_epoch(answer.epoch)
         if answer.result != Result.SUCCESS:
-            self._cached, self._stale_mode = None, False
+            self._cached = None
             return answer.result, NO_ADDRESS
         self.upstream.saw_address(answer.address)
         self._cached = (self.clock(), answer.address, self.upstream.generation)
-        self._stale_mode = False
         return Result.SUCCESS, answer.address
 
     def _retry(self) -> None:
+        """Refresh in the background until it works (or stale serving ends)."""
         try:
-            while self._stale_mode and self._stale_ok():
+            while True:
+                result, _ = self.refresh()
+                if result == Result.SUCCESS or not self._stale_ok():
+                    return
                 gevent.sleep(_RETRY_EVERY)
-                self.refresh()
         finally:
             self._retrier = None
 
     def forget(self) -> None:
-        self._cached, self._stale_mode = None, False
+        self._cached = None
 
     def close(self) -> None:
         if self._retrier is not None:

@@ -78,6 +78,11 @@ class RouterUnavailable(RouterError):
     and a write may or may not have taken effect."""
 
 
+class NotSent(RouterUnavailable):
+    """The router could not be reached (no connection, login refused, backing off, all
+    connections busy): the command was never sent, so it certainly did not take effect."""
+
+
 class RouterTrap(RouterError):
     """The router answered `!trap`: the command was refused, nothing changed, the
     connection is fine."""

@@ -14,6 +14,7 @@ from ipaddress import IPv4Address
 from typing import Literal
 
 from doublenat.engine.contracts import Clock
+from doublenat.engine.events import mapping_fields
 
 log = logging.getLogger("doublenat.epoch")
 
@@ -72,8 +73,9 @@ class UpstreamState:
     def _lost(self, shown: Shown, why: str, **fields: object) -> None:
         self.generation += 1
         self.losses += 1
-        log.warning("upstream mappings lost (VPN reconnect?); epoch reset, re-mapping", extra={
-            "event": "upstream.lost", "shown_by": shown, "reason": why,
-            "generation": self.generation, **fields})
+        log.warning("upstream mappings lost (VPN reconnect?); epoch reset, re-mapping",
+                    extra=mapping_fields("upstream.lost", None, None, {
+                        "shown_by": shown, "reason": why, "generation": self.generation,
+                        **fields}))
         if self._on_lost is not None:
             self._on_lost(shown, why)

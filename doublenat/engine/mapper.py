@@ -40,6 +40,7 @@ from doublenat.engine.contracts import (
     GatewayError,
     InvalidValue,
     MapAnswer,
+    NotSent,
     Router,
     RouterError,
     RouterUnavailable,
@@ -47,7 +48,7 @@ from doublenat.engine.contracts import (
     monotonic,
 )
 from doublenat.engine.epoch import UpstreamState
-from doublenat.engine.events import ChangeKind, MappingChange
+from doublenat.engine.events import ChangeKind, MappingChange, mapping_fields
 from doublenat.engine.locks import Joiner, KeyedLocks
 from doublenat.engine.model import (
     FOREVER,
@@ -245,6 +246,11 @@ class Mapper:
             self._failed(key, "router-refused", f"router refused the rule: {exc}",
                          spec.dst_port)
             return _FAILED
+        except NotSent as exc:
+            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
+            self._failed(key, "router-unreachable", f"router unreachable: {exc}",
+                         spec.dst_port)
+            return _FAILED
         except RouterUnavailable as exc:
             # The add may have happened before the connection broke: the port stays
             # reserved until a listing shows whether the rule exists.
@@ -361,7 +367,8 @@ class Mapper:
 
     def _fresh(self, lease: Lease, now: float) -> bool:
         """Was the upstream mapping confirmed so recently that asking again is waste?"""
-        if lease.generation != self.upstream.generation or lease.upstream_expires_at <= now:
+        if lease.generation != self.upstream.generation or lease.upstream_expires_at <= now \
+                or lease.parked:
             return False
         window = min(lease.upstream_lifetime * _FRESH_FRACTION, _FRESH_MAX)
         return now - lease.upstream_renewed_at < window
@@ -397,7 +404,7 @@ class Mapper:
         """
         key = lease.key
         previous = lease.external_port
-        if answer.external_port != previous:
+        if answer.external_port != previous or lease.parked:
             moved = self._move_rule(lease, answer.external_port, why)
             if moved is None:
                 return _FAILED
@@ -434,42 +441,80 @@ class Mapper:
     def _move_rule(self, lease: Lease, external_port: int, why: str) -> Lease | None:
         """The rule follows a moved external port in `external` mode (the gateway
         delivers to the granted port); in `internal` mode only to-ports of a port-0
-        mapping follow. Returns the lease as moved, or None if the rule could not follow."""
+        mapping follow. A parked rule is enabled again on its new port. Returns the lease
+        as moved, or None if the rule could not follow."""
         key = lease.key
         external_mode = self.settings.port_mode == "external"
         router_port = external_port if external_mode else lease.router_port
         to_port = key.internal_port or external_port
-        if (router_port, to_port) == (lease.router_port, lease.to_port):
+        if (router_port, to_port) == (lease.router_port, lease.to_port) and not lease.parked:
             return replace(lease, external_port=external_port)
         changes: dict[str, str] = {}
-        if router_port != lease.router_port:
-            if not self.table.begin_move(key, router_port):
+        moving = router_port != lease.router_port or lease.parked
+        if moving:
+            if not self._reserve_move(lease, router_port):
                 self._event(logging.WARNING, "mapping.failed", key, reason_code="port-taken",
                             result=Result.NETWORK_FAILURE, router_port=router_port,
                             reason="the gateway moved the port to one taken on the router")
                 return None
             changes["dst_port"] = str(router_port)
+            if lease.parked:
+                changes["disabled"] = "no"
         if to_port != lease.to_port:
             changes["to_ports"] = str(to_port)
         try:
             ref = ruleops.update(self.router, lease.rule, lease.comment, **changes)
         except RouterError as exc:
-            ref = None
-            problem = f"could not move the rule: {exc}"
-        else:
-            problem = "the rule is gone from the router; reconciliation restores it"
-        if ref is None:
-            if router_port != lease.router_port:
+            if moving:
                 self.table.move_failed(key, router_port)
             self._event(logging.WARNING, "mapping.failed", key, reason_code="move-failed",
-                        result=Result.NETWORK_FAILURE, reason=problem)
+                        result=Result.NETWORK_FAILURE, reason=f"could not move the rule: {exc}")
             return None
-        moved = self.table.moved(replace(lease, router_port=router_port, to_port=to_port,
-                                         rule=ref, external_port=external_port))
+        moved = replace(lease, router_port=router_port, to_port=to_port,
+                        external_port=external_port, parked=False, rule=ref or lease.rule)
+        if ref is None and not lease.parked:
+            if moving:
+                self.table.move_failed(key, router_port)
+            self._event(logging.WARNING, "mapping.failed", key, reason_code="move-failed",
+                        result=Result.NETWORK_FAILURE,
+                        reason="the rule is gone from the router; reconciliation restores it")
+            return None
+        # (A parked rule that vanished is re-made by reconciliation on its new port.)
+        moved = self.table.moved(moved)
         self.counters["moved"] += 1
         self._event(logging.INFO, "mapping.moved", key, lease=moved, result=Result.SUCCESS,
                     reason=why)
         return moved
+
+    def _reserve_move(self, lease: Lease, port: int) -> bool:
+        """Reserve the port a rule moves to. In external mode, after an upstream loss the
+        gateway may hand out a port that one of our own mappings held before the loss
+        (the gateway no longer delivers it there): that mapping's rule is parked
+        (disabled) so the port forwards to one client only, and the parked rule comes
+        back when its own re-map grants it a port (two mappings handed each other's
+        ports would otherwise wait for each other forever)."""
+        key = lease.key
+        if self.table.begin_move(key, port):
+            return True
+        holder = self.table.lease_holding(key.proto, port)
+        if (self.settings.port_mode != "external" or holder is None or holder.key == key
+                or holder.generation >= self.upstream.generation):
+            return False
+        with self._locks.try_hold(holder.key) as held:
+            current = self.table.lease(holder.key)
+            if not held or current is None or current.parked or current.router_port != port:
+                return False
+            try:
+                ref = ruleops.update(self.router, current.rule, current.comment, disabled="yes")
+            except RouterError:
+                return False
+            if ref is not None:
+                self.table.rule_found(holder.key, ref)
+            parked = self.table.park(holder.key)
+            self._event(logging.WARNING, "mapping.parked", holder.key, lease=parked,
+                        result=Result.SUCCESS, reason=f"the gateway gave its port to {key}; "
+                        "its rule is disabled until its own re-map")
+        return self.table.begin_move(key, port)
 
     def refresh(self, key: MappingKey, why: str) -> bool | None:
         """doublenat's own upstream renewal of a live mapping (keep-alive, re-mapping
@@ -740,30 +785,7 @@ class Mapper:
             level = logging.DEBUG
         if not log.isEnabledFor(level):
             return
-        log.log(level, event.replace(".", " "), extra=mapping_fields(event, key, lease, fields))
-
-
-def mapping_fields(event: str, key: MappingKey | None, lease: Lease | None,
-                   fields: dict[str, object]) -> dict[str, object]:
-    """The fields every mapping record carries, None when unknown."""
-    record: dict[str, object] = {
-        "event": event,
-        "client": str(key.client) if key else None,
-        "protocol": key.proto.label if key else None,
-        "internal_port": key.internal_port if key else None,
-        "router_port": None,
-        "upstream_port": None,
-        "external_port": None,
-        "rule_id": None,
-        "interface": None,
-        "lifetime": None,
-        "static": None,
-        "result": None,
-    }
-    if lease is not None:
-        record.update(router_port=lease.router_port, upstream_port=lease.upstream_port,
-                      external_port=lease.external_port, rule_id=lease.rule.rule_id,
-                      interface=lease.interface, static=lease.static)
-    for name, value in fields.items():
-        record[name] = int(value) if isinstance(value, Result) else value
-    return record
+        record = mapping_fields(event, key, lease, fields)
+        if reason_code is not None:
+            record["reason_code"] = reason_code
+        log.log(level, event.replace(".", " "), extra=record)

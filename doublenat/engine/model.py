@@ -51,10 +51,18 @@ class Lease:
     upstream_renewed_at: float
     generation: int  # the upstream state generation this lease was last confirmed in
     static: bool = False  # a STATIC_MAPPINGS entry: never expires, counts in no quota
+    # External mode: the gateway gave this lease's router port to another mapping after
+    # an upstream loss; its rule is disabled (and its port free) until its own re-map.
+    parked: bool = False
 
     @property
     def comment(self) -> str:
         return rule_comment(self.key, self.upstream_port)
+
+    @property
+    def held_router_port(self) -> int | None:
+        """The router port this lease reserves: none while parked."""
+        return None if self.parked else self.router_port
 
     @property
     def upstream_lifetime(self) -> float:

@@ -154,6 +154,11 @@ class MappingTable:
     def in_range(self, port: int) -> bool:
         return self._ports.in_range(port)
 
+    def lease_holding(self, proto: Proto, port: int) -> Lease | None:
+        """The lease whose rule holds this router port, if a lease does."""
+        key = self.owner_of_router_port(proto, port)
+        return None if key is None else self._leases.get(key)
+
     def owner_of_router_port(self, proto: Proto, port: int) -> MappingKey | None:
         """The mapping whose lease holds this router port, if a lease does."""
         owner = self._ports.router_owner(proto, port)
@@ -352,21 +357,30 @@ class MappingTable:
                                        ("moving", key, router_port))
 
     def moved(self, lease: Lease) -> Lease:
-        """The rule now matches `lease.router_port` (and `to_port`): the old port is free."""
+        """The rule now matches `lease.router_port` (and `to_port`), enabled: the old port
+        (unless the lease was parked, which held none) is free."""
         current = self._leases[lease.key]
-        if current.router_port != lease.router_port:
-            owner = ("moving", lease.key, lease.router_port)
-            self._ports.release_router(lease.key.proto, current.router_port,
-                                       _lease_owner(lease.key))
-            self._ports.hand_over(lease.key.proto, lease.router_port, None, owner,
+        if lease.upstream_port != current.upstream_port or lease.parked:
+            raise StateError(f"move of {lease.key} that changes its upstream port or parks")
+        if current.parked or current.router_port != lease.router_port:
+            if not current.parked:
+                self._ports.release_router(lease.key.proto, current.router_port,
+                                           _lease_owner(lease.key))
+            self._ports.hand_over(lease.key.proto, lease.router_port, None,
+                                  ("moving", lease.key, lease.router_port),
                                   _lease_owner(lease.key))
-        if lease.upstream_port != current.upstream_port:
-            raise StateError(f"move of {lease.key} that changes its upstream port")
         self._leases[lease.key] = lease
         return lease
 
-    def move_failed(self, key: MappingKey, router_port: int) -> None:
-        self._ports.release_router(key.proto, router_port, ("moving", key, router_port))
+    def park(self, key: MappingKey) -> Lease | None:
+        """The lease's rule was disabled because the gateway gave its port to another
+        mapping (external mode, after an upstream loss): the port is free for that one."""
+        lease = self._leases.get(key)
+        if lease is None or lease.parked:
+            return lease
+        self._ports.release_router(key.proto, lease.router_port, _lease_owner(key))
+        self._leases[key] = replace(lease, parked=True)
+        return self._leases[key]
 
     def end(self, key: MappingKey, reason: str) -> tuple[Lease, Doomed] | None:
         """The mapping ends: its rule is doomed (port held until removed) and its upstream
@@ -379,7 +393,7 @@ class MappingTable:
             self._per_client[key.client] -= 1
             self._prune_count(key.client)
         self._hand_to_upstream_end(key, lease.upstream_port, owner)
-        doomed = self._doom(lease.rule, lease.comment, key, lease.router_port, reason,
+        doomed = self._doom(lease.rule, lease.comment, key, lease.held_router_port, reason,
                             from_owner=owner)
         return lease, doomed
 
@@ -585,7 +599,8 @@ class MappingTable:
         """Assert the state rules (for tests and the simulation)."""
         expected: dict[tuple[Proto, int], object] = {}
         for key, lease in self._leases.items():
-            expected[(key.proto, lease.router_port)] = _lease_owner(key)
+            if not lease.parked:
+                expected[(key.proto, lease.router_port)] = _lease_owner(key)
         for comment, write in self._writes.items():
             if write.router_port is not None and not write.restore:
                 expected[(write.key.proto, write.router_port)] = _write_owner(comment)

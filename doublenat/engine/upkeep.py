@@ -27,6 +27,7 @@ from gevent.pool import Pool
 
 from doublenat.engine.address import AddressService
 from doublenat.engine.contracts import Clock, monotonic
+from doublenat.engine.events import mapping_fields
 from doublenat.engine.mapper import Mapper
 from doublenat.engine.model import Lease, MappingKey
 
@@ -201,10 +202,10 @@ class Upkeep:
         self.last_remap = {"mappings": len(stale), "seconds": self.clock() - started,
                            "moved": self.mapper.counters["port_changes"] - changes_before,
                            "failed": failed}
-        log.warning("re-mapped after an upstream loss", extra={
-            "event": "upstream.remapped", "mappings": len(stale),
-            "seconds": round(self.clock() - started, 3),
-            "moved": self.last_remap["moved"], "failed": failed})
+        log.warning("re-mapped after an upstream loss", extra=mapping_fields(
+            "upstream.remapped", None, None, {
+                "mappings": len(stale), "seconds": round(self.clock() - started, 3),
+                "moved": self.last_remap["moved"], "failed": failed}))
 
     # ------------------------------------------------------------------ probe
 

@@ -157,5 +157,5 @@ def families(s: Snapshot) -> list[Metric]:
     counter("doublenat_upstream_losses", "Times the VPN gateway lost its mappings (its epoch "
             "went back or its public address changed).", s.upstream_losses)
     counter("doublenat_hook_failures", "HOOK_COMMAND runs that failed, timed out or could "
-            "not start.", s.hook_failures)
+            "not start, and events dropped because too many were queued.", s.hook_failures)
     return out

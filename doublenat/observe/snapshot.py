@@ -2,8 +2,7 @@
 
 `snapshot_of(daemon)` is the one place that reads the daemon's internals; everything
 else in this package reads a `Snapshot`. When the engine moves its state, only
-`snapshot_of` follows it. What the daemon does not keep yet (hook failures) is read
-with a default, so the endpoint works before every feature exists.
+`snapshot_of` follows it.
 
 Building a snapshot does not yield to other greenlets: it is a consistent picture of
 one moment. It costs a fraction of a microsecond per live mapping (counting them by
@@ -83,7 +82,8 @@ class Snapshot:
     # rate_limited
     port_changes: int  # the gateway moved a mapping's external port
     upstream_losses: int  # the gateway lost its mappings (epoch back, address changed)
-    hook_failures: int  # HOOK_COMMAND runs that failed, timed out or could not start
+    hook_failures: int  # HOOK_COMMAND runs that failed, timed out or could not start, and
+    # events dropped because too many were queued
 
 
 class MappingList(Sequence[MappingStatus]):
@@ -186,5 +186,5 @@ def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
                       for name, shown in _DROP_REASONS.items()),
         port_changes=mapper.counters.get("port_changes", 0),
         upstream_losses=upstream.losses,
-        hook_failures=getattr(daemon, "hook_failures", 0),  # no hooks yet (SPEC §9)
+        hook_failures=0 if daemon.hooks is None else daemon.hooks.failed + daemon.hooks.dropped,
     )

@@ -24,7 +24,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from doublenat.adapters.front import BindError, bind_udp
-from doublenat.adapters.routeros import NAT
+from doublenat.adapters.routeros import NAT, RouterOsClient
 from doublenat.adapters.upstream import NatPmpClient
 from doublenat.engine.contracts import (
     GatewayError,
@@ -33,7 +33,6 @@ from doublenat.engine.contracts import (
     RouterError,
     RouterTrap,
     RouterUnavailable,
-    RuleRef,
 )
 from doublenat.engine.interface import (
     Detection,
@@ -44,7 +43,6 @@ from doublenat.engine.interface import (
 )
 from doublenat.protocol.natpmp import Result
 from doublenat.settings import RULE_PREFIX, Settings
-from doublenat.tools.router import ToolRouter
 
 # Comment of the write check's throw-away rule: deliberately without RULE_PREFIX.
 CHECK_COMMENT = "doublenat-check"
@@ -174,7 +172,7 @@ def run_checks(settings: Settings) -> Iterator[CheckResult]:
 def router_checks(settings: Settings) -> Iterator[CheckResult]:
     """Reachable, login, then what the API user may do and the interface, in order."""
     try:
-        router = ToolRouter.from_settings(settings)
+        router = RouterOsClient.from_settings(settings, size=1)
     except (ssl.SSLError, OSError) as exc:
         yield failed(REACHABLE, f"cannot use MIKROTIK_API_TLS_CA: {exc}",
                      "MIKROTIK_API_TLS_CA must be a PEM file of CA certificates")
@@ -231,7 +229,7 @@ def check_reachable(settings: Settings, tls: ssl.SSLContext | None = None) -> Ch
 class _RouterSession:
     """The checks that need a logged-in API connection; they share one."""
 
-    def __init__(self, settings: Settings, router: ToolRouter) -> None:
+    def __init__(self, settings: Settings, router: RouterOsClient) -> None:
         self.settings = settings
         self.router = router
         self.lost: str | None = None  # set when the router went away mid-way
@@ -325,8 +323,10 @@ class _RouterSession:
         if detection is None:
             return skipped(ROUTE, self.lost or "")
         if isinstance(detection, RouterError):
-            hint = policy_hint("read") if _is_permission(detection) else \
-                "set MIKROTIK_IN_INTERFACE to the VPN interface"
+            # Which policy /ip/route/check needs is not recorded: name both candidates.
+            hint = (policy_hint("read") + " (/ip/route/check may need 'test' instead)"
+                    if _is_permission(detection)
+                    else "set MIKROTIK_IN_INTERFACE to the VPN interface")
             return failed(ROUTE, str(detection), hint)
         if detection.source == "setting":
             return passed(ROUTE, "not needed: MIKROTIK_IN_INTERFACE is set")
@@ -375,7 +375,7 @@ class _RouterSession:
         if interface:
             words["in-interface"] = interface
         try:
-            rule_id = self.router.add_once(NAT, words)
+            ref = self.router.add_once(NAT, words)
         except RouterTrap as exc:
             hint = policy_hint("write") if _is_permission(exc) else ""
             if isinstance(exc, InvalidValue):
@@ -385,13 +385,14 @@ class _RouterSession:
             self._remove_by_comment(comment)  # the add may have taken effect
             raise
         try:
-            self.router.remove_rule(RuleRef(rule_id, self.router.session))
+            self.router.remove_rule(ref)
         except RouterError as exc:
             self._remove_by_comment(comment)
             hint = policy_hint("write") if _is_permission(exc) else ""
             hint = (hint + "; " if hint else "") + \
                 f"remove the disabled rule commented {comment!r} by hand if it is still there"
-            return failed(NAT_WRITE, f"test rule {rule_id} added but not removed: {exc}", hint)
+            return failed(NAT_WRITE, f"test rule {ref.rule_id} added but not removed: {exc}",
+                          hint)
         where = f" on {interface}" if interface else ""
         return passed(NAT_WRITE, f"disabled test rule{where} added and removed")
 

@@ -12,11 +12,11 @@ import sys
 
 import click
 
+from doublenat.adapters.routeros import RouterOsClient
 from doublenat.engine.contracts import RouterError
 from doublenat.options import fail, load_settings, settings_options
 from doublenat.settings import SettingError, Settings
 from doublenat.tools import checks
-from doublenat.tools.router import ToolRouter
 from doublenat.tools.rules import ListedRule, format_table, owned_rules
 from doublenat.tools.rules import cleanup as remove_rules
 
@@ -78,7 +78,7 @@ def _print_json(results: list[checks.CheckResult], settings: Settings | None) ->
     }, indent=2, ensure_ascii=False))
 
 
-def _read_owned(router: ToolRouter, settings: Settings) -> list[ListedRule]:
+def _read_owned(router: RouterOsClient, settings: Settings) -> list[ListedRule]:
     """doublenat's rules, read from the router; a failure ends the command (status 1)."""
     try:
         return owned_rules(router.list_rules())
@@ -94,7 +94,7 @@ def _read_owned(router: ToolRouter, settings: Settings) -> list[ListedRule]:
 def list_rules(as_json: bool, **values: str | None) -> None:
     """List the dst-nat rules doublenat owns, read from the router itself."""
     settings = _settings(values)
-    router = ToolRouter.from_settings(settings)
+    router = RouterOsClient.from_settings(settings, size=1)
     try:
         rules = _read_owned(router, settings)
     finally:
@@ -126,7 +126,7 @@ def cleanup(dry_run: bool, **values: str | None) -> None:
     renewing: stop it first, unless it is gone already.
     """
     settings = _settings(values)
-    router = ToolRouter.from_settings(settings)
+    router = RouterOsClient.from_settings(settings, size=1)
     try:
         rules = _read_owned(router, settings)
         if not rules:

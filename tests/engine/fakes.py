@@ -130,9 +130,13 @@ class FakeRouter:
         self._check(ref)
         if ref.rule_id not in self.rules:
             raise NoSuchItem("no such item (4)")
-        names = {"dst_port": "dst_port", "to_ports": "to_ports", "in_interface": "in_interface"}
+        names = {"dst_port": "dst_port", "to_ports": "to_ports", "in_interface": "in_interface",
+                 "disabled": "disabled"}
+        values: dict[str, object] = {names[k]: v for k, v in changes.items()}
+        if "disabled" in values:
+            values["disabled"] = values["disabled"] in ("yes", "true")
         rule = self.rules[ref.rule_id]
-        self.rules[ref.rule_id] = replace(rule, **{names[k]: v for k, v in changes.items()})
+        self.rules[ref.rule_id] = replace(rule, **values)  # type: ignore[arg-type]
         self._after("update_rule")
 
     def _listed(self, rules: list[NatRule]) -> list[NatRule]:

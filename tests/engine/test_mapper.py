@@ -428,3 +428,42 @@ def test_a_collision_the_router_reports_is_retried_on_another_port() -> None:
     assert mapper.handle(A, tcp(7000, 7000)).result == Result.OUT_OF_RESOURCES
     assert router.calls["add_rule"] == 4
     assert gateway.calls["create"] == 1
+
+
+# ------------------------------------------------------------ upstream moves
+
+
+def router_ports(router) -> dict[tuple[str, str], set[str]]:  # type: ignore[no-untyped-def]
+    """(protocol, dst-port) of enabled doublenat rules -> the clients they forward to."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in router.owned().values():
+        if not rule.disabled:
+            out.setdefault((rule.protocol, rule.dst_port), set()).add(rule.to_addresses)
+    return out
+
+
+def test_external_mode_ports_swapped_by_a_new_gateway_are_both_served() -> None:
+    """Suspected in issue 12, decided here: after a reconnect the gateway hands A the
+    port B had and B the port A had. Each rule must move onto a port the other still
+    holds; neither may wait for the other forever, and no port ever forwards to two
+    clients. (Decided: it happens; before parking, both were refused on every retry.)"""
+    mapper, router, gateway, _ = make_mapper(port_mode="external")
+    gateway.proton = True
+    a_port = mapper.handle(A, udp(5000, 0, 60)).external_port
+    b_port = mapper.handle(B, udp(6000, 0, 60)).external_port
+    a_key, b_key = MappingKey(A, Proto.UDP, 5000), MappingKey(B, Proto.UDP, 6000)
+    a_up, b_up = mapper.leases[a_key].upstream_port, mapper.leases[b_key].upstream_port
+    # A reconnect to another server: epoch back to 0, each gets the other's old port.
+    gateway.epoch = 0
+    gateway.mappings = {(Proto.UDP, a_up): b_port, (Proto.UDP, b_up): a_port}
+    for _ in range(2):
+        for key in (a_key, b_key):
+            mapper.refresh(key, "upstream lost")
+            assert all(len(clients) == 1 for clients in router_ports(router).values())
+            mapper.table.check()
+    assert router_ports(router) == {("udp", str(b_port)): {str(A)},
+                                    ("udp", str(a_port)): {str(B)}}
+    assert mapper.leases[a_key].external_port == b_port
+    assert mapper.leases[b_key].external_port == a_port
+    assert not any(lease.parked for lease in mapper.leases.values())
+    rules_match_leases(mapper, router)

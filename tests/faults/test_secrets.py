@@ -226,10 +226,9 @@ def test_serve_logs_never_show_the_password(
     emu = RouterOsEmulator(users={USER: "something-else" if setup == "wrong password"
                                   else password},
                            ssl_context=pki["router"].server_context()).start()
-    emu.state.interfaces.add("wg-proton")
     gateway = GatewayEmulator("127.0.0.1", 0)
     gateway.start()
-    emu.state.routes.set("127.0.0.1/32", interface="wg-proton")
+    emu.state.add_route("127.0.0.1/32", "wg-proton")
     env = _base_env() | {
         "VPN_GATEWAY": "{}:{}".format(*gateway.address),
         "MIKROTIK_API_USER": USER,

@@ -27,8 +27,8 @@ PASSWORD = "s3cret-Pa55"
 
 @pytest.fixture
 def router() -> Iterator[RouterOsEmulator]:
+    # The emulator starts as a home router with the tunnel wg-proton (no route through it).
     emulator = RouterOsEmulator("127.0.0.1", 0, users={"doublenat": PASSWORD})
-    emulator.state.interfaces.add("wg-proton")
     emulator.start()
     yield emulator
     emulator.stop()
@@ -154,8 +154,8 @@ def test_router_down_then_back(router: RouterOsEmulator) -> None:
 
 
 def test_route_check_and_identity(router: RouterOsEmulator) -> None:
-    router.state.routes.set("10.2.0.1/32", interface="wg-proton", nexthop="10.2.0.1")
-    router.state.routes.set_no_route("10.9.9.9")
+    router.state.add_route("10.2.0.1/32", "wg-proton")
+    router.state.add_route("10.9.9.9/32", blackhole=True)
     client = client_for(router)
     [found] = client.route_check("10.2.0.1")
     assert (found["status"], found["interface"]) == ("ok", "wg-proton")

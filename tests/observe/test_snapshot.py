@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 from doublenat.observe.health import judge
 from doublenat.observe.snapshot import snapshot_of
@@ -114,7 +115,7 @@ def test_router_version_and_board_come_from_the_router(make_lab: MakeLab) -> Non
     lab = make_lab()
     assert lab.daemon is not None
     router = snapshot_of(lab.daemon).router
-    resource = lab.router.state.resource  # what the emulated router says of itself
+    resource = lab.router.state.resource_row()  # what the emulated router says of itself
     assert router.version == resource["version"] and router.board == resource["board-name"]
 
 
@@ -143,3 +144,16 @@ def test_upstream_losses_and_moved_ports_are_counted(make_lab: MakeLab) -> None:
     lab.gateway.set_public_address("11.22.33.55")
     assert wait_for(lambda: samples(lab)[("doublenat_upstream_losses_total", ())] == 1)
     assert snapshot_of(lab.daemon).upstream_losses == 1
+
+
+def test_hook_failures_are_counted(make_lab: MakeLab, tmp_path: Path) -> None:
+    hook = tmp_path / "failing-hook"
+    hook.write_text("#!/bin/sh\nexit 3\n")
+    hook.chmod(0o755)
+    lab = make_lab(settings={**METRICS, "HOOK_COMMAND": str(hook)})
+    assert lab.daemon is not None
+    assert samples(lab)[("doublenat_hook_failures_total", ())] == 0
+    with probe(lab.daemon.address) as client:
+        client.tcp(6881, 6881)  # created: one hook run, which fails
+    assert wait_for(lambda: samples(lab)[("doublenat_hook_failures_total", ())] == 1)
+    assert snapshot_of(lab.daemon).hook_failures == 1
