@@ -13,7 +13,7 @@ import json
 import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 from gevent.pool import Pool
@@ -24,9 +24,6 @@ from doublenat.observe.health import judge
 from doublenat.observe.metrics import Metrics
 from doublenat.observe.snapshot import MappingStatus, Snapshot, snapshot_of
 from doublenat.settings import Endpoint
-
-if TYPE_CHECKING:
-    from doublenat.daemon import Daemon
 
 log = logging.getLogger("doublenat.http")
 
@@ -195,7 +192,8 @@ class Observer:
         host, port = self._socket.getsockname()[:2]
         return host, port
 
-    def start(self, daemon: Daemon) -> None:
+    def start(self, daemon: Any) -> None:
+        """Serve `daemon` (a `doublenat.daemon.Daemon`)."""
         if self._socket is None:
             self.bind()
         assert self._socket is not None

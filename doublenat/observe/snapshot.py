@@ -16,13 +16,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
 from doublenat import __version__
 from doublenat.protocol.natpmp import Proto
-
-if TYPE_CHECKING:
-    from doublenat.daemon import Daemon
 
 InterfaceSource = Literal["setting", "route check", "route table"]
 
@@ -114,8 +111,9 @@ _COUNT_KEY = re.compile(r"op(\d+)\.result(\d+)")
 _DROP_REASONS = {"denied": "not_allowed", "dropped": "malformed", "rate_limited": "rate_limited"}
 
 
-def snapshot_of(daemon: Daemon, mappings: bool = False) -> Snapshot:
-    """The daemon as it is now. `mappings`: list every live mapping (for /status)."""
+def snapshot_of(daemon: Any, mappings: bool = False) -> Snapshot:
+    """The daemon (a `doublenat.daemon.Daemon`, not imported: the daemon imports this
+    package) as it is now. `mappings`: list every live mapping (for /status)."""
     table, mapper, router, gateway, upstream = daemon.table, daemon.mapper, daemon.router, \
         daemon.gateway, daemon.upstream
     now = daemon.clock()
