@@ -91,7 +91,8 @@ class Daemon:
             self.mapper, self.router, settings.vpn_gateway.host, settings.in_interface
         )
         self.reconcile_loop = ReconcileLoop(self.reconciler, settings.reconcile_interval, clock,
-                                            on_synced=self._router_synced)
+                                            on_synced=self._router_synced,
+                                            liveness=settings.upstream_probe_interval)
         self.addresses = AddressService(self.gateway, self.upstream, clock)
         self.upkeep = Upkeep(self.mapper, self.addresses,
                              keepalive=settings.upstream_keepalive,
