@@ -3,11 +3,10 @@
 Healthy (200) when both hold:
 - the router is synchronised: doublenat is logged in, has listed the rules and knows the
   VPN interface, and its last connection attempt succeeded (an unreachable router, a
-  refused login or no tunnel interface is not). The router is only known to be gone once
-  a call to it fails: a client's request, or the next reconciliation;
-- the VPN gateway answered within the last two UPSTREAM_PROBE_INTERVALs. doublenat probes
-  the gateway only while it holds mappings, so with no mapping live an older answer still
-  counts, as long as nothing asked of the gateway since went unanswered.
+  refused login or no tunnel interface is not). Between reconciliations the router is
+  asked for its uptime every UPSTREAM_PROBE_INTERVAL, so a router gone is known by then;
+- the VPN gateway answered within the last two UPSTREAM_PROBE_INTERVALs (it is probed
+  every interval, with or without mappings).
 Otherwise 503, with the first reason found.
 """
 
