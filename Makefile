@@ -7,9 +7,10 @@ PYTHON      ?= python3
 PIP         := $(VENV)/bin/pip
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite talks to: real NAT-PMP peers, namespaces, nftables,
-# supervisord, and what building the .deb needs.
+# supervisord, Prometheus (scrapes the lab daemon; promtool checks the README's rules),
+# and what building the .deb needs.
 DEB_PACKAGES := natpmpc miniupnpd miniupnpd-nftables nftables iproute2 supervisor \
-                dh-virtualenv debhelper dh-exec python3-venv build-essential
+                prometheus dh-virtualenv debhelper dh-exec python3-venv build-essential
 
 .PHONY: lab test deps venv lint deb bench fuzz simulate clean
 
@@ -28,7 +29,8 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
-# Installs only what is missing; the miniupnpd package must not start its service.
+# Installs only what is missing; the miniupnpd and prometheus packages must not start
+# their services (RUNLEVEL=1: invoke-rc.d starts nothing; no systemd runs here).
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

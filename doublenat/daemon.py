@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
 
 from doublenat import __version__, stats
-from doublenat.adapters.front import NatPmpServer, bind_udp
+from doublenat.adapters.front import BindError, NatPmpServer, bind_udp
 from doublenat.adapters.routeros import RouterOsClient
 from doublenat.adapters.upstream import NatPmpClient
 from doublenat.engine.address import AddressService
@@ -32,6 +34,9 @@ from doublenat.engine.state import MappingTable
 from doublenat.engine.upkeep import Upkeep
 from doublenat.hooks import HookRunner
 from doublenat.settings import Settings
+
+if TYPE_CHECKING:
+    from doublenat.observe.http import Observer
 
 log = logging.getLogger("doublenat.daemon")
 
@@ -86,7 +91,8 @@ class Daemon:
             self.mapper, self.router, settings.vpn_gateway.host, settings.in_interface
         )
         self.reconcile_loop = ReconcileLoop(self.reconciler, settings.reconcile_interval, clock,
-                                            on_synced=self._router_synced)
+                                            on_synced=self._router_synced,
+                                            liveness=settings.upstream_probe_interval)
         self.addresses = AddressService(self.gateway, self.upstream, clock)
         self.upkeep = Upkeep(self.mapper, self.addresses,
                              keepalive=settings.upstream_keepalive,
@@ -101,6 +107,14 @@ class Daemon:
             self.mapper, self.addresses, self.epoch, settings.allowed_clients, limiter
         )
         self.server: NatPmpServer | None = None
+        self.started_at: float | None = None  # Unix time
+        # METRICS_ADDR: /metrics, /status, /healthz (doublenat/observe/; imported only then).
+        self.observer: Observer | None = None
+        if settings.metrics_addr is not None:
+            from doublenat.observe import http
+
+            self.observer = http.Observer(settings.metrics_addr)
+            self.observer.watch_latencies(self.router, self.gateway)
         self.stopping = Event()
         self.stopped = Event()
         self._greenlets: list[gevent.Greenlet] = []
@@ -109,8 +123,16 @@ class Daemon:
     # ---------------------------------------------------------------- start
 
     def start(self) -> None:
-        """Bind and start serving; returns at once. Raises BindError if LISTEN_ADDR is taken."""
+        """Bind and start serving; returns at once. Raises BindError if LISTEN_ADDR (or
+        METRICS_ADDR) is taken."""
         sock = bind_udp(self.settings.listen)
+        if self.observer is not None:
+            try:
+                self.observer.bind()
+            except BindError:
+                sock.close()
+                raise
+        self.started_at = time.time()
         start_gateway = getattr(self.gateway, "start", None)
         if start_gateway is not None:
             start_gateway()
@@ -119,6 +141,8 @@ class Daemon:
         self.reconcile_loop.start()
         self.upkeep.start()
         self._greenlets = [gevent.spawn(self._stats_loop)]
+        if self.observer is not None:
+            self.observer.start(self)
         host, port = sock.getsockname()
         log.info("doublenat serving NAT-PMP", extra={
             "event": "daemon.started", "version": __version__, "listen": f"{host}:{port}",
@@ -187,6 +211,8 @@ class Daemon:
         for handler in self._signal_handlers:
             handler.cancel()  # type: ignore[attr-defined]
         self.addresses.close()
+        if self.observer is not None:
+            self.observer.stop()
         result = ShutdownReport(drained, closed, len(left), self.clock() - started)
         log.log(logging.INFO if not left else logging.ERROR,
                 "doublenat stopped" if not left else "doublenat stopped, leaving things behind",

@@ -396,8 +396,8 @@ class Settings:
         "true", "BOOL")
     upstream_probe_interval: float = setting(
         "UPSTREAM_PROBE_INTERVAL", _seconds(1),
-        "Seconds between opcode-0 probes of VPN_GATEWAY while mappings exist (notices a "
-        "VPN reconnect).", "30", "SECONDS")
+        "Seconds between opcode-0 probes of VPN_GATEWAY (notices a VPN reconnect); the "
+        "router's uptime is read as often between reconciliations.", "30", "SECONDS")
     static_mappings: tuple[StaticMapping, ...] = setting(
         "STATIC_MAPPINGS", lambda n, t, _r: parse_static_mappings(n, t) if t else (),
         "Mappings held without any client request: PROTO:IPv4:PORT,... "

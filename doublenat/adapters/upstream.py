@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import gevent
 from gevent.event import AsyncResult
@@ -40,7 +40,8 @@ _DELETE_BUDGET = 1.0
 
 
 class NatPmpClient:
-    def __init__(self, gateway: Endpoint, budget: float = 3.0, clock: Clock = monotonic) -> None:
+    def __init__(self, gateway: Endpoint, budget: float = 3.0, clock: Clock = monotonic,
+                 observe_request: Callable[[float], None] | None = None) -> None:
         self.gateway = gateway
         self.budget = budget
         self._clock = clock
@@ -54,6 +55,8 @@ class NatPmpClient:
         self.timeouts = 0
         self.ignored = 0
         self.latencies = stats.samples()
+        self.observe_request = observe_request  # seconds of each answered exchange (metrics)
+        self.last_timeout_at: float | None = None  # on the clock: for /status and /healthz
 
     # -------------------------------------------------------------- lifecycle
 
@@ -112,12 +115,16 @@ class NatPmpClient:
                     waiter.wait(min(wait, left))
                     if waiter.ready():
                         reply = waiter.get()  # raises if the client was closed meanwhile
-                        self.latencies.append(self._clock() - started)
+                        elapsed = self._clock() - started
+                        self.latencies.append(elapsed)
+                        if self.observe_request is not None:
+                            self.observe_request(elapsed)
                         return reply
                     wait *= 2
             finally:
                 self._waiting.pop(key, None)
             self.timeouts += 1
+            self.last_timeout_at = self._clock()
             raise GatewayError(
                 f"no valid answer from VPN_GATEWAY {self.gateway} within {budget:g} s"
             )

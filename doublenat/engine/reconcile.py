@@ -26,6 +26,7 @@ from doublenat.engine.contracts import (
     NatRule,
     Router,
     RouterError,
+    RouterUnavailable,
     RuleRef,
     monotonic,
 )
@@ -375,10 +376,11 @@ class ReconcileLoop:
     """
 
     def __init__(self, reconciler: Reconciler, interval: float,
-                 clock: Clock = monotonic, on_synced: Callable[[], None] = lambda: None
-                 ) -> None:
+                 clock: Clock = monotonic, on_synced: Callable[[], None] = lambda: None,
+                 liveness: float = 30.0) -> None:
         self.reconciler = reconciler
         self._on_synced = on_synced
+        self.liveness = liveness
         self.interval = interval
         self.clock = clock
         self._wake = Event()
@@ -421,7 +423,24 @@ class ReconcileLoop:
             self.last_error = None
             self.synced.set()
             self._on_synced()
-            self._wake.wait(self.interval)
+            self._idle_until(attempt + self.interval)
+
+    def _idle_until(self, deadline: float) -> None:
+        """Wait for the next run, asking the router for its uptime every `liveness`
+        seconds meanwhile (one small read): a router that died between reconciliations
+        is noticed within that, not at the next interval, and a restart shows too."""
+        while (left := deadline - self.clock()) > 0:
+            if self._wake.wait(min(left, self.liveness)):
+                return
+            if deadline - self.clock() <= 0:
+                return
+            try:
+                self.reconciler.router.resource()
+            except RouterUnavailable as exc:
+                self._failed(str(exc))
+                return
+            except RouterError:
+                pass  # refused (no `read` on /system/resource): proves the router is up
 
     def _failed(self, reason: str) -> None:
         if self.last_error != reason:

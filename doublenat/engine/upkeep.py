@@ -9,7 +9,7 @@ back as a herd, and the spread persists. A mapping that ended is skipped when po
 
 Re-mapping (SPEC §5.2): when the gateway shows it lost its mappings (its epoch went back
 or its address changed, seen in any reply or in the opcode-0 probe every
-UPSTREAM_PROBE_INTERVAL while mappings exist), every live mapping is asked for again
+UPSTREAM_PROBE_INTERVAL), every live mapping is asked for again
 at once, `REMAP_PARALLEL` at a time; one that fails is retried by the keep-alive
 schedule until its lifetime ends, never dropped.
 """
@@ -210,10 +210,11 @@ class Upkeep:
     # ------------------------------------------------------------------ probe
 
     def _probe_loop(self) -> None:
+        # While mappings exist (SPEC §5.2), and also while idle: one datagram a probe
+        # interval lets /healthz say whether the gateway answers before anyone asks.
         while True:
             gevent.sleep(self.probe_interval)
-            if self.table.leases:
-                self.addresses.refresh()
+            self.addresses.refresh()
 
     # ---------------------------------------------------------------- janitor
 

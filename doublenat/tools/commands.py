@@ -1,4 +1,4 @@
-"""The click commands `check`, `list` and `cleanup`; `register(group)` adds them.
+"""The click commands `check`, `list`, `cleanup` and `status`; `register(group)` adds them.
 
 They take exactly the options and environment variables of `serve` (the same decorator),
 so an operator checks, lists and cleans up with the configuration the daemon runs with.
@@ -25,7 +25,7 @@ FAILED = 1
 
 def register(group: click.Group) -> None:
     """Add the tools to `group` (once: a second call changes nothing)."""
-    for command in (check, list_rules, cleanup):
+    for command in (check, list_rules, cleanup, status):
         if command.name not in group.commands:
             group.add_command(command)
 
@@ -148,3 +148,37 @@ def cleanup(dry_run: bool, **values: str | None) -> None:
         click.echo(f"removed {len(results) - failures} of {len(rules)} doublenat rules"
                    + (f"; {failures} failed" if failures else ""))
     sys.exit(FAILED if failures else 0)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the /status JSON as it came.")
+@settings_options
+def status(as_json: bool, **values: str | None) -> None:
+    """Show a running doublenat: router, gateway, health and every live mapping.
+
+    Asks the daemon's /status at METRICS_ADDR (which must be set, for the daemon and
+    here); of the other settings none is needed. Exit status 1 if nothing answers there.
+    """
+    import time
+
+    from doublenat.observe.show import StatusUnavailable, fetch_status, format_status
+    from doublenat.settings import BY_ENV
+
+    spec = BY_ENV["METRICS_ADDR"]
+    try:
+        address = spec.parse(spec.env, (values.get(spec.param) or "").strip() or None, {})
+    except SettingError as exc:
+        fail(str(exc), exc.variable)
+    if address is None:
+        fail("METRICS_ADDR: is not set; doublenat status asks the daemon's /status there "
+             "(set it as the daemon has it, e.g. METRICS_ADDR=127.0.0.1:9815)", "METRICS_ADDR")
+    try:
+        document = fetch_status(address)
+    except StatusUnavailable as exc:
+        click.echo(f"doublenat: {exc}", err=True)
+        sys.exit(FAILED)
+    if as_json:
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        for line in format_status(document, time.time()):
+            click.echo(line)

@@ -179,3 +179,20 @@ def test_a_hook_sees_every_event_in_order_and_no_setting(
     assert "must-not-leak" not in text and lab.password not in text
     assert "MIKROTIK" not in text and "VPN_GATEWAY" not in text
     assert json.dumps(lab.daemon.hooks.failed) == "0"  # type: ignore[union-attr]
+
+
+def test_an_idle_daemon_knows_whether_the_gateway_and_the_router_answer(
+    make_lab: MakeLab,
+) -> None:
+    """No client has asked anything yet: the probe still asks the gateway (so health is
+    known), and a router that dies between reconciliations is noticed within a probe
+    interval, not at the next RECONCILE_INTERVAL."""
+    lab = make_lab(settings={"UPSTREAM_PROBE_INTERVAL": "1", "RECONCILE_INTERVAL": "600"})
+    wait_for(lambda: lab.daemon.upstream.last_answer_at is not None, 5,
+             "the gateway probed with no mapping")
+    assert lab.daemon.table.router is not None
+    lab.router.router_down()
+    lab.router.drop_all_connections()
+    wait_for(lambda: lab.daemon.table.router is None, 5, "the dead router noticed")
+    lab.router.router_up()
+    wait_for(lambda: lab.daemon.table.router is not None, 10, "the router back")
