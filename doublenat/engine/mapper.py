@@ -43,8 +43,10 @@ from doublenat.engine.contracts import (
     NotSent,
     Router,
     RouterError,
+    RouterTrap,
     RouterUnavailable,
     RuleSpec,
+    StaleSession,
     monotonic,
 )
 from doublenat.engine.epoch import UpstreamState
@@ -476,16 +478,31 @@ class Mapper:
                 changes["disabled"] = "no"
         if to_port != lease.to_port:
             changes["to_ports"] = str(to_port)
+        settled = False
         try:
             ref = ruleops.update(self.router, lease.rule, lease.comment, **changes)
-        except RouterError as exc:
+            settled = True
+        except (NotSent, StaleSession, RouterTrap) as exc:
+            settled = True  # certainly not applied
             if moving:
                 self.table.move_failed(key, router_port)
             self._event(logging.WARNING, "mapping.failed", key, reason_code="move-failed",
                         result=Result.NETWORK_FAILURE, reason=f"could not move the rule: {exc}")
             return None
+        except RouterError as exc:
+            self._event(logging.WARNING, "mapping.failed", key, reason_code="move-failed",
+                        result=Result.NETWORK_FAILURE,
+                        reason=f"could not move the rule (reconciliation finds out where it "
+                               f"is): {exc}")
+            return None
+        finally:
+            if not settled:
+                # Sent, outcome unknown (a broken connection, or killed meanwhile): both
+                # ports stay reserved until a listing shows where the rule is.
+                self.table.move_unknown(key, router_port if moving else None)
         moved = replace(lease, router_port=router_port, to_port=to_port,
-                        external_port=external_port, parked=False, rule=ref or lease.rule)
+                        external_port=external_port, parked=False, moving_to=None,
+                        rule=ref or lease.rule)
         if ref is None and not lease.parked:
             if moving:
                 self.table.move_failed(key, router_port)

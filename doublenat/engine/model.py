@@ -54,6 +54,10 @@ class Lease:
     # External mode: the gateway gave this lease's router port to another mapping after
     # an upstream loss; its rule is disabled (and its port free) until its own re-map.
     parked: bool = False
+    # An update of the rule whose outcome is unknown (the connection broke after it was
+    # sent) meant to move it to this port: the port stays reserved until a listing
+    # shows where the rule is (engine.reconcile corrects it then).
+    moving_to: int | None = None
 
     @property
     def comment(self) -> str:
@@ -110,6 +114,8 @@ class Doomed:
     router_port: int | None
     reason: str
     token: int  # the table's handle: stays the same if the rule is re-identified
+    # The rule may sit on this port instead (an unsettled move): also held until removed.
+    also_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import gevent
 from gevent.event import Event
 
+from doublenat.engine import ruleops
 from doublenat.engine.contracts import (
     Clock,
     NatRule,
@@ -63,6 +64,27 @@ class Plan:
     doomed_listed: list[tuple[Doomed, RuleRef]] = field(default_factory=list)  # remove again
     doomed_gone: list[Doomed] = field(default_factory=list)  # already gone from the router
     remove: list[tuple[NatRule, str]] = field(default_factory=list)  # (rule, why)
+    # A live mapping's rule that is not as the mapping says (an update of unknown
+    # outcome, or someone edited it): corrected under the mapping's lock.
+    drifted: list[MappingKey] = field(default_factory=list)
+
+
+def expected_fields(lease: Lease) -> dict[str, str]:
+    """What a lease's rule must say (as `update_rule` names the properties)."""
+    return {"dst_port": str(lease.router_port), "to_ports": str(lease.to_port),
+            "in_interface": lease.interface, "disabled": "yes" if lease.parked else "no"}
+
+
+def rule_fields(rule: NatRule) -> dict[str, str]:
+    return {"dst_port": rule.dst_port, "to_ports": rule.to_ports,
+            "in_interface": rule.in_interface, "disabled": "yes" if rule.disabled else "no"}
+
+
+def drifted(lease: Lease, rule: NatRule) -> bool:
+    expected, actual = expected_fields(lease), rule_fields(rule)
+    if lease.parked:  # a parked rule only has to be disabled, wherever it points
+        return actual["disabled"] != "yes"
+    return expected != actual
 
 
 def plan(
@@ -109,6 +131,8 @@ def plan(
                 claimed.add(duplicate.rule_id)
         if interface is not None and lease.interface != interface:
             result.retarget.append(key)
+        elif lease.moving_to is not None or drifted(lease, own):
+            result.drifted.append(key)
 
     for write in writes.values():
         # Being written, or of unknown outcome (settled apart): not this plan's to judge.
@@ -165,6 +189,7 @@ class Report:
     restored: int = 0
     retargeted: int = 0
     reidentified: int = 0
+    corrected: int = 0
     failed: int = 0
 
 
@@ -308,6 +333,8 @@ class Reconciler:
             report.restored += self._restore(key, view.interface, report)
         for key in the_plan.retarget:
             report.retargeted += self._retarget(key, view.interface, report)
+        for key in the_plan.drifted:
+            report.corrected += self._correct(key, report)
 
     def _restore(self, key: MappingKey, interface: str, report: Report) -> int:
         mapper, table = self.mapper, self.table
@@ -343,8 +370,6 @@ class Reconciler:
             return 1
 
     def _retarget(self, key: MappingKey, interface: str, report: Report) -> int:
-        from doublenat.engine import ruleops
-
         mapper, table = self.mapper, self.table
         with mapper.locked(key):
             lease = table.lease(key)
@@ -358,6 +383,52 @@ class Reconciler:
             if ref is None:
                 return 0  # gone: the next run restores it on the new interface
             table.retargeted(key, interface, ref)
+            return 1
+
+    def _correct(self, key: MappingKey, report: Report) -> int:
+        """Make a live mapping's rule say what the mapping says. Under the mapping's lock
+        and from a fresh look by comment: an update of unknown outcome that did move the
+        rule is accepted (its port was kept reserved), one that did not is let go, and
+        whatever else differs is set right."""
+        mapper, table = self.mapper, self.table
+        with mapper.locked(key):
+            lease = table.lease(key)
+            if lease is None:
+                return 0
+            try:
+                found = self.router.find_rules(lease.comment)
+            except RouterError as exc:
+                return self._step_failed("rule.correct_failed", key, exc, report)
+            if not found:
+                if lease.moving_to is not None:
+                    table.move_failed(key, lease.moving_to)
+                return 0  # gone: the next run restores it
+            own = next((r for r in found if r.ref == lease.rule), found[0])
+            if lease.moving_to is not None:
+                if own.dst_port == str(lease.moving_to):  # the update did land
+                    lease = table.moved(replace(lease, router_port=lease.moving_to,
+                                                moving_to=None, parked=False, rule=own.ref))
+                else:
+                    table.move_failed(key, lease.moving_to)
+                    lease = table.lease(key) or lease
+            if own.ref != lease.rule:
+                table.rule_found(key, own.ref)
+            if not drifted(lease, own):
+                return 1
+            changes = {k: v for k, v in expected_fields(lease).items()
+                       if v != rule_fields(own)[k]}
+            if lease.parked:
+                changes = {"disabled": "yes"}
+            try:
+                ref = ruleops.update(self.router, own.ref, lease.comment, **changes)
+            except RouterError as exc:
+                return self._step_failed("rule.correct_failed", key, exc, report)
+            if ref is not None:
+                table.rule_found(key, ref)
+            log.warning("set a live mapping's rule right", extra={
+                "event": "rule.corrected", "client": str(key.client),
+                "protocol": key.proto.label, "internal_port": key.internal_port,
+                "rule_id": own.rule_id, "changes": changes})
             return 1
 
     def _step_failed(self, event: str, key: MappingKey, exc: Exception, report: Report) -> int:

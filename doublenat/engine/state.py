@@ -372,23 +372,41 @@ class MappingTable:
 
     def moved(self, lease: Lease) -> Lease:
         """The rule now matches `lease.router_port` (and `to_port`), enabled: the old port
-        (unless the lease was parked, which held none) is free."""
+        (unless the lease was parked, which held none) is free, and so is the target of an
+        earlier unsettled move, unless it is this one."""
         current = self._leases[lease.key]
-        if lease.upstream_port != current.upstream_port or lease.parked:
-            raise StateError(f"move of {lease.key} that changes its upstream port or parks")
+        key = lease.key
+        if lease.upstream_port != current.upstream_port or lease.parked or lease.moving_to:
+            raise StateError(f"move of {key} that changes its upstream port or parks")
         if current.parked or current.router_port != lease.router_port:
             if not current.parked:
-                self._ports.release_router(lease.key.proto, current.router_port,
-                                           _lease_owner(lease.key))
-            self._ports.hand_over(lease.key.proto, lease.router_port, None,
-                                  ("moving", lease.key, lease.router_port),
-                                  _lease_owner(lease.key))
-        self._leases[lease.key] = lease
+                self._ports.release_router(key.proto, current.router_port, _lease_owner(key))
+            self._ports.hand_over(key.proto, lease.router_port, None,
+                                  ("moving", key, lease.router_port), _lease_owner(key))
+        if current.moving_to not in (None, lease.router_port):
+            self._ports.release_router(key.proto, current.moving_to,
+                                       ("moving", key, current.moving_to))
+        self._leases[key] = lease
         return lease
 
     def move_failed(self, key: MappingKey, router_port: int) -> None:
         """The rule did not move: the port reserved for it is free again."""
         self._ports.release_router(key.proto, router_port, ("moving", key, router_port))
+        lease = self._leases.get(key)
+        if lease is not None and lease.moving_to == router_port:
+            self._leases[key] = replace(lease, moving_to=None)
+
+    def move_unknown(self, key: MappingKey, router_port: int | None) -> None:
+        """An update of the lease's rule was sent and its outcome is unknown: if it moved
+        the rule to `router_port`, that port stays reserved (with the old one) until a
+        listing shows where the rule is."""
+        lease = self._leases.get(key)
+        if lease is None or router_port is None or router_port == lease.router_port:
+            return
+        if lease.moving_to not in (None, router_port):
+            self._ports.release_router(key.proto, lease.moving_to,
+                                       ("moving", key, lease.moving_to))
+        self._leases[key] = replace(lease, moving_to=router_port)
 
     def park(self, key: MappingKey) -> Lease | None:
         """The lease's rule was disabled because the gateway gave its port to another
@@ -416,6 +434,14 @@ class MappingTable:
         self._hand_to_upstream_end(key, lease.upstream_port, owner)
         doomed = self._doom(lease.rule, lease.comment, key, lease.held_router_port, reason,
                             from_owner=owner)
+        if lease.moving_to is not None:
+            # The rule may sit on the port an unsettled move aimed at: keep it reserved
+            # until the rule is removed too.
+            self._ports.hand_over(key.proto, lease.moving_to, None,
+                                  ("moving", key, lease.moving_to),
+                                  _doomed_owner(doomed.token))
+            doomed = replace(doomed, also_port=lease.moving_to)
+            self._doomed[doomed.token] = doomed
         return lease, doomed
 
     def _end_restoring(self, lease: Lease, restore: Write, reason: str) -> Doomed:
@@ -562,8 +588,9 @@ class MappingTable:
         if current is None:
             return
         if current.key is not None:
-            self._ports.release_router(current.key.proto, current.router_port,
-                                       _doomed_owner(current.token))
+            for port in (current.router_port, current.also_port):
+                self._ports.release_router(current.key.proto, port,
+                                           _doomed_owner(current.token))
         for log in self._listings:
             log.removed.add(current.rule)
             log.removed.update(refs)
@@ -646,14 +673,17 @@ class MappingTable:
         for key, lease in self._leases.items():
             if not lease.parked:
                 expected[(key.proto, lease.router_port)] = _lease_owner(key)
+            if lease.moving_to is not None:
+                expected[(key.proto, lease.moving_to)] = ("moving", key, lease.moving_to)
         for comment, write in self._writes.items():
             if write.router_port is not None and not write.restore:
                 expected[(write.key.proto, write.router_port)] = _write_owner(comment)
         for key, candidate in self._candidates.items():
             expected[(key.proto, candidate.owned.router_port)] = _candidate_owner(key)  # type: ignore[index]
         for token, doomed in self._doomed.items():
-            if doomed.key is not None and doomed.router_port is not None:
-                expected[(doomed.key.proto, doomed.router_port)] = _doomed_owner(token)
+            for port in (doomed.router_port, doomed.also_port):
+                if doomed.key is not None and port is not None:
+                    expected[(doomed.key.proto, port)] = _doomed_owner(token)
         held = {where: owner for where, (_, owner) in self._ports.router_held().items()}
         moving = {w: o for w, o in held.items() if isinstance(o, tuple) and o[0] == "moving"}
         for where, owner in expected.items():

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 from ipaddress import IPv4Address
 
+import pytest
+
 from doublenat.engine.contracts import NatRule
 from doublenat.engine.epoch import UpstreamState
 from doublenat.engine.mapper import Mapper
@@ -374,3 +376,53 @@ def test_a_mapping_whose_restore_has_an_unknown_outcome_is_not_parked() -> None:
     mapper.refresh(a_key, "upstream lost")
     assert all(len(clients) == 1 for clients in forwarding(router).values())
     mapper.table.check()
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "not-landed"])
+def test_a_move_of_unknown_outcome_keeps_both_ports_until_a_listing_settles_it(
+    landed: bool,
+) -> None:
+    """The update moving a rule to the gateway's new port is sent, and the connection
+    breaks: the rule may be on either port. Both stay reserved (no other client gets
+    the new port while the rule may forward it), and reconciliation accepts the move if
+    it landed or lets the reservation go if it did not; then the next renewal moves it.
+    (The simulation's known issue "update-outcome", before it was fixed.)"""
+    gateway = FakeGateway(proton=True)
+    mapper, router, _, clock = make_mapper(gateway=gateway, port_mode="external")
+    first = mapper.handle(A, tcp(6881)).external_port
+    key = MappingKey(A, Proto.TCP, 6881)
+    upstream_port = mapper.leases[key].upstream_port
+    gateway.mappings[(Proto.TCP, upstream_port)] = 50505
+    if landed:
+        router.fail_after["update_rule"] = TRANSPORT
+    else:
+        router.fail["update_rule"] = TRANSPORT
+    clock.advance(40)
+    assert mapper.handle(A, tcp(6881)).result == Result.NETWORK_FAILURE
+    assert mapper.leases[key].moving_to == 50505
+    assert not mapper.table.router_free(Proto.TCP, 50505, B)
+    assert not mapper.table.router_free(Proto.TCP, first, B)
+    mapper.table.check()
+    report = Reconciler(mapper, router, "10.2.0.1").run_once()
+    lease = mapper.leases[key]
+    assert lease.moving_to is None and report.corrected == 1
+    assert lease.router_port == (50505 if landed else first)
+    assert [r.dst_port for r in router.rules.values()] == [str(lease.router_port)]
+    mapper.table.check()
+    assert mapper.handle(A, tcp(6881)).external_port == 50505  # follows now, if it had not
+    assert [r.dst_port for r in router.rules.values()] == ["50505"]
+    assert mapper.table.router_free(Proto.TCP, first, B)
+    mapper.table.check()
+
+
+def test_reconciliation_sets_an_edited_rule_right() -> None:
+    """Someone changed a live mapping's rule (to-ports, disabled): set back as the mapping
+    says, not left until a later move."""
+    mapper, router, _, _ = make_mapper()
+    mapper.handle(A, tcp(6881, 6881))
+    [rule_id] = router.rules
+    router.rules[rule_id] = replace(router.rules[rule_id], to_ports="22", disabled=True)
+    report = Reconciler(mapper, router, "10.2.0.1").run_once()
+    assert report.corrected == 1
+    rule = router.rules[rule_id]
+    assert (rule.to_ports, rule.disabled) == ("6881", False)
