@@ -465,6 +465,14 @@ class Mapper:
         to_port = key.internal_port or external_port
         if (router_port, to_port) == (lease.router_port, lease.to_port) and not lease.parked:
             return replace(lease, external_port=external_port)
+        if lease.moving_to is not None:
+            # An earlier move's outcome is unknown: the rule may be on either port, both
+            # reserved. A third port would need a third reservation; settle it first.
+            self._router_wanted()
+            self._event(logging.WARNING, "mapping.failed", key, reason_code="move-unsettled",
+                        result=Result.NETWORK_FAILURE,
+                        reason="an earlier move of the rule is not settled yet")
+            return None
         changes: dict[str, str] = {}
         moving = router_port != lease.router_port or lease.parked
         if moving:

@@ -131,8 +131,8 @@ def plan(
                 claimed.add(duplicate.rule_id)
         if interface is not None and lease.interface != interface:
             result.retarget.append(key)
-        elif lease.moving_to is not None or drifted(lease, own):
-            result.drifted.append(key)
+        if lease.moving_to is not None or drifted(lease, own):
+            result.drifted.append(key)  # after any retarget: checked again, fresh
 
     for write in writes.values():
         # Being written, or of unknown outcome (settled apart): not this plan's to judge.

@@ -404,8 +404,7 @@ class MappingTable:
         if lease is None or router_port is None or router_port == lease.router_port:
             return
         if lease.moving_to not in (None, router_port):
-            self._ports.release_router(key.proto, lease.moving_to,
-                                       ("moving", key, lease.moving_to))
+            raise StateError(f"a second unsettled move of {key}")  # the mapper waits
         self._leases[key] = replace(lease, moving_to=router_port)
 
     def park(self, key: MappingKey) -> Lease | None:
