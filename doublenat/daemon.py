@@ -233,8 +233,10 @@ class Daemon:
         self.reconcile_loop.wake()
 
     def _router_synced(self) -> None:
-        if self.mapper.statics:
-            gevent.spawn(self.mapper.ensure_statics)
+        if self.mapper.statics and not self.stopping.is_set():
+            # Kept with the other greenlets: stop() kills it before the cleanup starts.
+            self._greenlets = [g for g in self._greenlets if not g.dead]
+            self._greenlets.append(gevent.spawn(self.mapper.ensure_statics))
 
     def _mapping_changed(self, change: MappingChange) -> None:
         for listener in self.change_listeners:
