@@ -9,15 +9,17 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages that build the .deb (`make deb` installs the missing ones).
 BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-setuptools \
                   python3-wheel build-essential
-# And what the test suite talks to: real NAT-PMP peers, namespaces, nftables, supervisord;
-# lintian; what builds the bookworm and trixie chroots the package is tested in (amd64,
-# and arm64 under qemu); dh-virtualenv to build the first package, for the test of the
-# upgrade from it; python3-venv for `make venv` and dh-virtualenv.
+# And what the test suite talks to: real NAT-PMP peers, namespaces, nftables, supervisord,
+# Prometheus (scrapes the lab daemon; promtool checks the README's rules); lintian; what
+# builds the bookworm and trixie chroots the package is tested in (amd64, and arm64 under
+# qemu); dh-virtualenv to build the first package, for the test of the upgrade from it;
+# python3-venv for `make venv` and dh-virtualenv.
 DEB_PACKAGES := $(BUILD_PACKAGES) natpmpc miniupnpd miniupnpd-nftables nftables iproute2 \
-                supervisor lintian debootstrap qemu-user-static binfmt-support dh-virtualenv \
-                python3-venv
+                supervisor prometheus lintian debootstrap qemu-user-static binfmt-support \
+                dh-virtualenv python3-venv
 
-# Installs only what is missing; the miniupnpd package must not start its service.
+# Installs only what is missing; the miniupnpd and prometheus packages must not start
+# their services (RUNLEVEL=1: invoke-rc.d starts nothing; no systemd runs here).
 define apt_install
 	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -28,7 +30,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: lab test deps venv lint deb deb-matrix chroots bench fuzz clean
+.PHONY: lab test deps venv lint deb deb-matrix chroots bench fuzz simulate clean
 
 lab: venv
 	$(VENV)/bin/doublenat lab
@@ -84,3 +86,8 @@ bench: deps venv
 
 fuzz: venv
 	$(VENV)/bin/python -m tests.faults.fuzz --datagrams $(or $(DATAGRAMS),1000000)
+
+# The seeded simulation of the mapping engine (tests/sim): STEPS steps over seeds SEED,
+# SEED+1, ... (5,000 each), invariants checked after every step; niced, it takes minutes.
+simulate: venv
+	nice $(VENV)/bin/python -m tests.sim.run --steps $(or $(STEPS),1000000) --seed $(or $(SEED),1)

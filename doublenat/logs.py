@@ -6,9 +6,7 @@ warnings) is routed through `logging`, so a log shipper never sees a loose line.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import sys
 import threading
 from collections.abc import Iterable
@@ -20,45 +18,15 @@ try:  # python-json-logger 3.1 and later (trixie has 3.3, PyPI 4.x)
 except ImportError:  # 2.0 (bookworm's python3-pythonjsonlogger 2.0.1): the same class
     from pythonjsonlogger.jsonlogger import JsonFormatter  # type: ignore[no-redef]
 
+from doublenat.redact import Redactor
+
 ROOT = "doublenat"
 # A %-style format string, not a list of names: 2.0 accepts only the string.
 _FIELDS = "%(timestamp)s %(levelname)s %(name)s %(message)s"
 _RENAMES = {"levelname": "level", "name": "logger", "exc_info": "exception"}
-# routeros-api quotes whole sentences in its errors, /login's password word included.
-_PASSWORD_WORD = re.compile(r"(=password=)[^\s'\",\]]*")
-MASK = "***"
 
-
-class Scrubber:
-    """Removes known secrets, raw or JSON-escaped, from finished log lines."""
-
-    def __init__(self) -> None:
-        self._secrets: list[str] = []
-
-    def add(self, secret: str) -> None:
-        if not secret:
-            return
-        # As given, and as repr() writes it into a message or a traceback (str or bytes);
-        # each of those also as the JSON formatter escapes it. repr() escapes a ' only when
-        # it quotes with ', which a " elsewhere in the same value decides: both quotings.
-        raw = secret.encode("utf-8")
-        for form in (secret, repr(secret)[1:-1], repr(secret + '"')[1:-2],
-                     repr(raw)[2:-1], repr(raw + b'"')[2:-2]):
-            for variant in (form, json.dumps(form)[1:-1]):
-                if variant not in self._secrets:
-                    self._secrets.append(variant)
-        # Longest first, so a secret containing another is masked whole.
-        self._secrets.sort(key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        # Known secrets first: the =password= pattern stops at a space or quote, so run
-        # first it would mask only the start of such a password and leave the rest.
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        return _PASSWORD_WORD.sub(r"\1" + MASK, text)
-
-
-scrub = Scrubber()
+# Every finished line passes through it; `configure(secrets=...)` teaches it the password.
+scrub = Redactor()
 
 
 class _JsonFormatter(JsonFormatter):

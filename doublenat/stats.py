@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from doublenat.daemon import Daemon
-
+from typing import Any
 
 # Latency samples kept between two stats records: recent ones, and a bounded number, so
 # memory stays flat however busy the daemon is.
@@ -35,25 +31,33 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 3)
 
 
-def collect(daemon: Daemon) -> dict[str, Any]:
+def collect(*, table: Any, mapper: Any, responder: Any, reconciler: Any, router: Any,
+            gateway: Any, server: Any, epoch: Any, upstream: Any, upkeep: Any
+            ) -> dict[str, Any]:
     """Counters since start, latency percentiles since the previous record."""
-    mapper = daemon.mapper
+    view = table.router
     out: dict[str, Any] = {
-        "mappings_live": len(mapper.leases),
-        "mappings_adoptable": len(mapper.candidates),
-        "rules_to_remove": len(mapper.garbage),
-        "epoch": daemon.epoch.seconds(),
-        "upstream_generation": daemon.upstream.generation,
-        "router_ready": mapper.router_ready,
-        "interface": mapper.interface,
+        "mappings_live": len(table.leases),
+        "mappings_static": sum(1 for lease in table.leases.values() if lease.static),
+        "mappings_adoptable": len(table.candidates),
+        "rules_to_remove": len(table.doomed),
+        "writes_unknown": sum(1 for w in table.writes.values() if w.unknown),
+        "epoch": epoch.seconds(),
+        "upstream_generation": upstream.generation,
+        "upstream_losses": upstream.losses,
+        "router_ready": view is not None,
+        "interface": view.interface if view is not None else None,
+        "keepalive_planned": len(upkeep.schedule),
+        "keepalive_sent": upkeep.renewals_sent,
+        "keepalive_failed": upkeep.renewals_failed,
     }
-    for name, count in sorted(daemon.responder.counts.items()):
+    for name, count in sorted(responder.counts.items()):
         out[f"requests_{name.replace('.', '_')}"] = count
     for name, count in sorted(mapper.counters.items()):
         out[f"mappings_{name}"] = count
-    for name, count in daemon.reconciler.totals.items():
+    for name, count in reconciler.totals.items():
         out[f"reconcile_{name}"] = count
-    router_stats = getattr(daemon.router, "stats", None)
+    router_stats = getattr(router, "stats", None)
     if router_stats is not None:
         samples = take(router_stats.latencies)
         out.update(
@@ -66,7 +70,6 @@ def collect(daemon: Daemon) -> dict[str, Any]:
             router_latency_p50_ms=_ms(percentile(samples, 0.5)),
             router_latency_p99_ms=_ms(percentile(samples, 0.99)),
         )
-    gateway = daemon.gateway
     latencies = getattr(gateway, "latencies", None)
     if isinstance(latencies, deque):
         samples = take(latencies)
@@ -77,7 +80,7 @@ def collect(daemon: Daemon) -> dict[str, Any]:
             upstream_latency_p50_ms=_ms(percentile(samples, 0.5)),
             upstream_latency_p99_ms=_ms(percentile(samples, 0.99)),
         )
-    if daemon.server is not None and daemon.server.pool is not None:
-        out["handlers_busy"] = daemon.server.in_flight()
-        out["handler_errors"] = daemon.server.errors
+    if server is not None and server.pool is not None:
+        out["handlers_busy"] = server.in_flight()
+        out["handler_errors"] = server.errors
     return out

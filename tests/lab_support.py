@@ -47,10 +47,12 @@ def assert_rules_match_mappings(lab: Lab) -> None:
     """What the router holds is exactly what the daemon believes is live."""
     assert lab.daemon is not None
     mapper = lab.daemon.mapper
+    mapper.table.check()
     rules = {r[".id"]: r for r in lab.rules()}
-    assert set(rules) == {lease.rule_id for lease in mapper.leases.values()}, (rules, mapper.leases)
+    live = {lease.rule.rule_id for lease in mapper.leases.values()}
+    assert set(rules) == live, (rules, mapper.leases)
     for lease in mapper.leases.values():
-        rule = rules[lease.rule_id]
+        rule = rules[lease.rule.rule_id]
         assert rule["dst-port"] == str(lease.router_port)
         assert rule["to-addresses"] == str(lease.key.client)
         assert rule["to-ports"] == str(lease.to_port)

@@ -21,3 +21,19 @@ def attached(handler: H) -> Iterator[H]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def captured_records() -> Iterator[list[logging.LogRecord]]:
+    """Every doublenat record emitted inside the block, as LogRecords (extras as attrs)."""
+    with attached(_Records()) as handler:
+        yield handler.records

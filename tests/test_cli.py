@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
-from doublenat.cli import SETTINGS, _register_extra_commands, cli
+from doublenat.cli import _register_extra_commands, cli
+from doublenat.settings import SETTINGS
 from tests.clirunner import cli_runner
 
 # The console script next to the interpreter running the tests: the virtualenv's, or the

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from doublenat.cli import SETTINGS, _register_extra_commands, cli
+from doublenat.cli import _register_extra_commands, cli
+from doublenat.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

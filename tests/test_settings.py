@@ -10,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from doublenat.cli import SETTINGS
-from doublenat.settings import Endpoint, SettingError, Settings
+from doublenat.settings import SETTINGS, Endpoint, SettingError, Settings
 
 PASSWORD = "Pa55-w0rd!xyzzy"
 REQUIRED = {
@@ -213,6 +212,37 @@ def test_numeric_ranges_accepted(var: str, attr: str, text: str, expected: objec
     assert getattr(parse(**{var: text}), attr) == expected
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("tcp:192.168.88.10:32400", ["tcp 192.168.88.10 32400"]),
+    ("tcp:192.168.88.10:32400,udp:192.168.88.10:32400",
+     ["tcp 192.168.88.10 32400", "udp 192.168.88.10 32400"]),
+    (" UDP:10.0.0.5:27015 , ", ["udp 10.0.0.5 27015"]),
+])
+def test_static_mappings_forms(text: str, expected: list[str]) -> None:
+    entries = parse(STATIC_MAPPINGS=text).static_mappings
+    assert [f"{e.proto.label} {e.client} {e.port}" for e in entries] == expected
+
+
+def test_new_settings_defaults() -> None:
+    s = parse()
+    assert s.upstream_keepalive is True
+    assert s.upstream_probe_interval == 30
+    assert s.static_mappings == ()
+    assert s.hook_command is None
+    assert s.hook_timeout == 10
+    assert s.metrics_addr is None
+
+
+def test_hook_command_and_metrics_addr_accepted(tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    s = parse(HOOK_COMMAND=str(hook), METRICS_ADDR="127.0.0.1:9815", UPSTREAM_KEEPALIVE="no")
+    assert s.hook_command == hook
+    assert s.metrics_addr == Endpoint("127.0.0.1", 9815)
+    assert s.upstream_keepalive is False
+
+
 def test_free_text_settings() -> None:
     s = parse(MIKROTIK_API_USER="doublenat", MIKROTIK_IN_INTERFACE="wg-proton")
     assert (s.api_user, s.in_interface) == ("doublenat", "wg-proton")
@@ -261,6 +291,15 @@ INVALID: dict[str, list[str]] = {
     "CLIENT_RATE_LIMIT": ["-1", "nan", "fast"],
     "CLIENT_RATE_BURST": ["0", "1000001", "1.5"],
     "SHUTDOWN_TIMEOUT": ["0", "0.9", "inf", "later"],
+    "UPSTREAM_KEEPALIVE": ["maybe", "2", "keep"],
+    "UPSTREAM_PROBE_INTERVAL": ["0", "0.5", "never", "inf"],
+    "STATIC_MAPPINGS": ["tcp:192.168.88.10", "sctp:192.168.88.10:80", "tcp:nas.lan:80",
+                        "tcp:192.168.88.10:0", "tcp:192.168.88.10:80,TCP:192.168.88.10:80",
+                        "udp:0.0.0.0:80", "tcp:192.168.88.10:80:1", "tcp:127.0.0.1:80",
+                        "tcp:192.168.88.10:65536", "192.168.88.10:80"],
+    "HOOK_COMMAND": ["/nonexistent/hook", "relative/hook", "/etc/passwd", "/", "hook"],
+    "HOOK_TIMEOUT": ["0", "0.05", "x"],
+    "METRICS_ADDR": ["9100", "localhost:9100", "0.0.0.0:65536", "[::1]:9100"],
 }
 
 

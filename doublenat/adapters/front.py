@@ -31,6 +31,14 @@ _MAX_DATAGRAM = 8192
 _MAX_INLINE = 64
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 _RECEIVE_BUFFER = 1 << 20
+# Handlers one client may hold once the pool runs low. A request waiting on a silent
+# gateway holds its handler for the whole upstream budget: without a bound, two clients
+# retransmitting new mappings could take the whole pool, and a full pool stops reading
+# (so even answers that need no handler stop). While fewer than RESERVE handlers are
+# free, a client already holding PER_CLIENT gets its datagram dropped (it retransmits);
+# the reserve stays for everyone else. A busy but lone client is never held back.
+PER_CLIENT = 16
+RESERVE = 20
 
 
 class BindError(OSError):
@@ -56,6 +64,8 @@ class NatPmpServer(DatagramServer):
         super().__init__(sock, spawn=Pool(handlers))
         self.responder = responder
         self.errors = 0
+        self.busy_dropped = 0
+        self._busy: dict[IPv4Address, int] = {}  # handlers held per client
 
     def do_read(self) -> tuple[bytes, IPv4Address, tuple[str, int]] | None:
         """The next request that needs a handler; the others are dropped or answered here."""
@@ -77,6 +87,11 @@ class NatPmpServer(DatagramServer):
                 self._failed(data, source)
                 continue
             if not done:
+                held = self._busy.get(client, 0)
+                if held >= PER_CLIENT and self.pool.free_count() <= RESERVE:  # type: ignore[union-attr]
+                    self.busy_dropped += 1
+                    continue
+                self._busy[client] = held + 1
                 return data, client, source
             if reply is not None:
                 self._send_now(reply, source)
@@ -111,6 +126,12 @@ class NatPmpServer(DatagramServer):
         except Exception:
             # One bad request must never take the server down or print a loose traceback.
             self._failed(data, source)
+        finally:
+            held = self._busy.get(client, 1) - 1
+            if held > 0:
+                self._busy[client] = held
+            else:
+                self._busy.pop(client, None)
 
     def in_flight(self) -> int:
         assert self.pool is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import gevent
 from gevent.event import AsyncResult
@@ -26,6 +26,7 @@ from doublenat.protocol.natpmp import (
     MapReply,
     MapRequest,
     Proto,
+    Result,
     pack_request,
     parse_reply,
 )
@@ -39,19 +40,23 @@ _DELETE_BUDGET = 1.0
 
 
 class NatPmpClient:
-    def __init__(self, gateway: Endpoint, budget: float = 3.0, clock: Clock = monotonic) -> None:
+    def __init__(self, gateway: Endpoint, budget: float = 3.0, clock: Clock = monotonic,
+                 observe_request: Callable[[float], None] | None = None) -> None:
         self.gateway = gateway
         self.budget = budget
         self._clock = clock
         self._socket: socket.socket | None = None
         self._reader: gevent.Greenlet | None = None
-        self._waiting: dict[Hashable, AsyncResult] = {}
+        # key -> (the waiter, does a successful answer carry lifetime 0: a delete?)
+        self._waiting: dict[Hashable, tuple[AsyncResult, bool]] = {}
         self._serial: KeyedLocks[Hashable] = KeyedLocks()
         self.sent = 0
         self.retransmitted = 0
         self.timeouts = 0
         self.ignored = 0
         self.latencies = stats.samples()
+        self.observe_request = observe_request  # seconds of each answered exchange (metrics)
+        self.last_timeout_at: float | None = None  # on the clock: for /status and /healthz
 
     # -------------------------------------------------------------- lifecycle
 
@@ -68,14 +73,14 @@ class NatPmpClient:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-        for waiter in self._waiting.values():
+        for waiter, _ in self._waiting.values():
             waiter.set_exception(GatewayError("client closed"))
         self._waiting.clear()
 
     # --------------------------------------------------------------- contract
 
     def public_address(self) -> AddressAnswer:
-        reply = self._exchange(RESPONSE_BIT, pack_request(AddressRequest()), self.budget)
+        reply = self._exchange(RESPONSE_BIT, pack_request(AddressRequest()), self.budget, False)
         assert isinstance(reply, AddressReply)
         return AddressAnswer(reply.result, reply.address, reply.epoch)
 
@@ -85,19 +90,20 @@ class NatPmpClient:
         request = MapRequest(proto, internal_port, suggested_port, lifetime)
         budget = self.budget if lifetime else min(self.budget, _DELETE_BUDGET)
         reply = self._exchange(
-            (RESPONSE_BIT | proto, internal_port), pack_request(request), budget
+            (RESPONSE_BIT | proto, internal_port), pack_request(request), budget, lifetime == 0
         )
         assert isinstance(reply, MapReply)
         return MapAnswer(reply.result, reply.external_port, reply.lifetime, reply.epoch)
 
     # -------------------------------------------------------------- internals
 
-    def _exchange(self, key: Hashable, packet: bytes, budget: float) -> AddressReply | MapReply:
+    def _exchange(self, key: Hashable, packet: bytes, budget: float,
+                  deleting: bool) -> AddressReply | MapReply:
         if self._socket is None:
             raise GatewayError("upstream client is not started")
         with self._serial.hold(key):
             waiter = AsyncResult()
-            self._waiting[key] = waiter
+            self._waiting[key] = (waiter, deleting)
             started = self._clock()
             deadline = started + budget
             wait = _FIRST_WAIT
@@ -109,12 +115,16 @@ class NatPmpClient:
                     waiter.wait(min(wait, left))
                     if waiter.ready():
                         reply = waiter.get()  # raises if the client was closed meanwhile
-                        self.latencies.append(self._clock() - started)
+                        elapsed = self._clock() - started
+                        self.latencies.append(elapsed)
+                        if self.observe_request is not None:
+                            self.observe_request(elapsed)
                         return reply
                     wait *= 2
             finally:
                 self._waiting.pop(key, None)
             self.timeouts += 1
+            self.last_timeout_at = self._clock()
             raise GatewayError(
                 f"no valid answer from VPN_GATEWAY {self.gateway} within {budget:g} s"
             )
@@ -152,9 +162,19 @@ class NatPmpClient:
                 key = (RESPONSE_BIT | reply.proto, reply.internal_port)
             else:
                 key = None
-            waiter = self._waiting.get(key) if key is not None else None
-            if waiter is None or waiter.ready():
+            waiting = self._waiting.get(key) if key is not None else None
+            if waiting is None or waiting[0].ready() or not _answers(reply, waiting[1]):
                 # Malformed, late, duplicated or for someone else: drop it.
                 self.ignored += 1
                 continue
-            waiter.set(reply)
+            waiting[0].set(reply)
+
+
+def _answers(reply: AddressReply | MapReply, deleting: bool) -> bool:
+    """Can this reply be the answer to the request waiting on its key? Replies name no
+    request, so a late answer to a delete that timed out (lifetime 0) would otherwise be
+    taken for the answer to the next mapping request on the same port, and a late grant
+    for the answer to a delete."""
+    if not isinstance(reply, MapReply) or reply.result != Result.SUCCESS:
+        return True  # an error answers whatever was asked
+    return (reply.lifetime == 0) == deleting

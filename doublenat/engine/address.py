@@ -1,14 +1,26 @@
 """Opcode 0: the VPN gateway's public address, asked once for many clients.
 
 Concurrent requests share one upstream query and a recent answer is reused for a short
-while, so a burst of opcode-0 requests (natpmpc sends one before every mapping) costs
-the gateway one round trip.
+while (TTL, 10 s), so a burst of opcode-0 requests (natpmpc sends one before every
+mapping) costs the gateway one round trip.
+
+Once the cache is older than that, the last known address is still served at once
+while a refresh runs in the background, as long as no upstream loss was seen since it
+was learned and the gateway answered anything within STALE_FOR (120 s); a refresh that
+fails is retried in the background. natpmpc asks opcode 0 before every mapping, and a
+short gateway blip must not stop renewals that are answered from valid leases (SPEC §3);
+nor may the answer wait for the gateway's retransmission budget: natpmpc retransmits
+meanwhile, and the answers to its retransmissions, arriving after it moved on to its
+mapping request, are read by it as the mapping's answer. Result 3 only when no address
+was ever known or the outage outlived that.
 """
 
 from __future__ import annotations
 
 import logging
 from ipaddress import IPv4Address
+
+import gevent
 
 from doublenat.engine.contracts import Clock, Gateway, GatewayError, monotonic
 from doublenat.engine.epoch import UpstreamState
@@ -18,6 +30,8 @@ from doublenat.protocol.natpmp import NO_ADDRESS, Result
 log = logging.getLogger("doublenat.address")
 
 DEFAULT_TTL = 10.0
+STALE_FOR = 120.0
+_RETRY_EVERY = 2.0
 
 
 class AddressService:
@@ -32,37 +46,66 @@ class AddressService:
         self.upstream = upstream
         self.clock = clock
         self.ttl = ttl
-        self._cached: tuple[float, Result, IPv4Address] | None = None
+        # (when, address, upstream generation it was learned in)
+        self._cached: tuple[float, IPv4Address, int] | None = None
+        self._retrier: gevent.Greenlet | None = None
         self._joiner: Joiner[str, tuple[Result, IPv4Address]] = Joiner()
         self.queries = 0
 
     def cached(self, margin: float = 0.0) -> bool:
-        """Would `lookup()` answer from its cache (for `margin` seconds more at least)?"""
+        """Would `lookup()` answer at once (for `margin` seconds more at least)?"""
         cached = self._cached
-        return cached is not None and self.clock() - cached[0] < self.ttl - margin
+        if cached is None:
+            return False
+        return self.clock() - cached[0] < self.ttl - margin or self._stale_ok(margin)
 
     def lookup(self) -> tuple[Result, IPv4Address]:
         cached = self._cached
         if cached is not None and self.clock() - cached[0] < self.ttl:
-            return cached[1], cached[2]
+            return Result.SUCCESS, cached[1]
+        if cached is not None and self._stale_ok():
+            if self._retrier is None:
+                self._retrier = gevent.spawn(self._retry)
+            return Result.SUCCESS, cached[1]
         return self._joiner.run("address", self.refresh)
 
+    def _stale_ok(self, margin: float = 0.0) -> bool:
+        cached, last = self._cached, self.upstream.last_answer_at
+        return (cached is not None and last is not None
+                and cached[2] == self.upstream.generation
+                and self.clock() - last < STALE_FOR - margin)
+
     def refresh(self) -> tuple[Result, IPv4Address]:
+        """Ask the gateway now (the probe also calls this)."""
         self.queries += 1
         try:
             answer = self.gateway.public_address()
         except GatewayError as exc:
             log.warning("VPN gateway did not tell its public address", extra={
                 "event": "upstream.address_failed", "reason": str(exc)})
-            self._cached = None
             return Result.NETWORK_FAILURE, NO_ADDRESS
         self.upstream.saw_epoch(answer.epoch)
         if answer.result != Result.SUCCESS:
             self._cached = None
             return answer.result, NO_ADDRESS
         self.upstream.saw_address(answer.address)
-        self._cached = (self.clock(), Result.SUCCESS, answer.address)
+        self._cached = (self.clock(), answer.address, self.upstream.generation)
         return Result.SUCCESS, answer.address
+
+    def _retry(self) -> None:
+        """Refresh in the background until it works (or stale serving ends)."""
+        try:
+            while True:
+                result, _ = self.refresh()
+                if result == Result.SUCCESS or not self._stale_ok():
+                    return
+                gevent.sleep(_RETRY_EVERY)
+        finally:
+            self._retrier = None
 
     def forget(self) -> None:
         self._cached = None
+
+    def close(self) -> None:
+        if self._retrier is not None:
+            self._retrier.kill()

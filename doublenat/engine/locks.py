@@ -34,6 +34,16 @@ class KeyedLocks(Generic[K]):
             if users[0] == 0:
                 del self._locks[key]
 
+    @contextmanager
+    def try_hold(self, key: K) -> Iterator[bool]:
+        """Hold the key's lock if nobody does, without waiting; yields whether it did.
+        For work on a second key while holding a first: waiting could deadlock."""
+        if key in self._locks:
+            yield False
+            return
+        with self.hold(key):
+            yield True
+
     def __len__(self) -> int:
         return len(self._locks)
 

@@ -1,74 +1,82 @@
-"""The double mapping: a router rule plus an upstream mapping, kept together for a client.
+"""The double mapping's workflows: create, renew, follow, delete, expire, adopt, shut down.
 
-Rules this module keeps:
+Each workflow talks to the router and the gateway and records every step in the one
+state owner, `MappingTable` (engine.state), whose transitions keep the invariants:
+a rule is recorded before the call that creates it starts, a port stays reserved until
+the router is known not to hold its rule. Rules kept here:
+
 - Work on one mapping key is serialised (`KeyedLocks`); a duplicate of a request that is
   still being worked on joins it (`Joiner`). Different keys run in parallel.
-- A creation costs one router write and no router read: ports come from the local
-  `PortBook`, chosen under one allocation lock.
+- A creation costs one router write and no router read: ports come from the table's
+  local view.
 - Order of a creation: when the rule is fully known up front (mode `internal`, a real
   internal port) the rule is written first and nothing is asked upstream if that fails;
   otherwise (mode `external`, or internal port 0) the gateway is asked first, because the
   rule needs the granted port. Whatever succeeded is rolled back if a later step fails.
-- Renewals and retransmissions never touch the router, unless the gateway moved the
-  external port and the rule must follow it.
+- Renewals never touch the router, unless the gateway moved the external port and the
+  rule must follow it (mode `external`).
+- Lifetimes: the client is told min(requested, upstream-granted). With keep-alive the
+  mapping lives until the requested lifetime (capped) has passed since the client's last
+  request, doublenat renewing upstream itself (engine.upkeep); without, it ends with the
+  upstream lease. Either way plus EXPIRY_GRACE. Static mappings never expire.
 - Expiry re-checks the deadline under the key's lock, so a renewal that won the race
   keeps its mapping.
-- Nothing is forgotten: a rule that could not be removed is kept in `garbage` (and its
-  port stays held) until reconciliation removes it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
-from typing import Literal
 
-from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 
+from doublenat.engine import ruleops
 from doublenat.engine.contracts import (
+    AlreadyExists,
     Clock,
     Gateway,
     GatewayError,
+    InvalidValue,
     MapAnswer,
-    NoSuchItem,
+    NotSent,
     Router,
     RouterError,
     RouterTrap,
+    RouterUnavailable,
     RuleSpec,
+    StaleSession,
     monotonic,
 )
 from doublenat.engine.epoch import UpstreamState
+from doublenat.engine.events import ChangeKind, MappingChange, mapping_fields
 from doublenat.engine.locks import Joiner, KeyedLocks
-from doublenat.engine.model import Lease, MappingKey, OwnedRule, granted_lifetime, rule_comment
-from doublenat.engine.ports import PortBook
+from doublenat.engine.model import (
+    FOREVER,
+    Candidate,
+    Doomed,
+    Lease,
+    MappingKey,
+    Write,
+    granted_lifetime,
+)
+from doublenat.engine.state import MappingTable
+from doublenat.engine.throttle import Throttle
 from doublenat.protocol.natpmp import MapRequest, Proto, Result
+from doublenat.settings import Settings, StaticMapping
 
 log = logging.getLogger("doublenat.mapping")
 
-PortMode = Literal["internal", "external"]
 # A renewal this soon after the last upstream refresh is answered from the lease.
 _FRESH_FRACTION = 1 / 8
 _FRESH_MAX = 30.0
-# Upstream deletes sent at once during shutdown (UDP: cheap to have many in flight).
-_SHUTDOWN_UPSTREAM_PARALLEL = 100
-_THROTTLED = frozenset({"mapping.refused", "mapping.failed", "upstream.failed"})
-_WARN_EVERY = 10.0
-_WARNED_MAX = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class MapperConfig:
-    port_mode: PortMode = "internal"
-    max_per_client: int = 64
-    max_lifetime: int = 86400
-    expiry_grace: float = 10.0
-    adopt_grace: float = 900.0
-    port_range: tuple[int, int] = (1024, 65535)
+# Upstream deletes sent at once (UDP: cheap to have many in flight).
+_UPSTREAM_PARALLEL = 100
+# Workers for many mappings at once: more than router connections keeps all busy.
+_PARALLEL = 16
+_THROTTLED = frozenset({"mapping.refused", "mapping.failed", "upstream.failed",
+                        "upstream.refused"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +88,7 @@ class Outcome:
     lifetime: int = 0  # the most the client may be told; capped again by its own request
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A rule of an earlier run, waiting for its client to renew (adoption)."""
-
-    owned: OwnedRule
-    interface: str
-    seen_at: float
-
-
 _OTHER = {Proto.UDP: Proto.TCP, Proto.TCP: Proto.UDP}
-_COLLISION = "<collision>"  # _add_rule's answer when the router says the port is taken
 _FAILED = Outcome(Result.NETWORK_FAILURE)
 _NO_PORT = Outcome(Result.OUT_OF_RESOURCES)
 _DONE = Outcome(Result.SUCCESS)
@@ -108,36 +106,49 @@ class Mapper:
         router: Router,
         gateway: Gateway,
         upstream: UpstreamState,
-        config: MapperConfig = MapperConfig(),
+        settings: Settings,
+        *,
         clock: Clock = monotonic,
+        table: MappingTable | None = None,
         router_wanted: Callable[[], None] = lambda: None,
+        on_change: Callable[[MappingChange], None] = lambda change: None,
+        on_granted: Callable[[Lease], None] = lambda lease: None,
     ) -> None:
         self.router = router
         self.gateway = gateway
         self.upstream = upstream
-        self.config = config
+        self.settings = settings
         self.clock = clock
+        self.table = table or MappingTable(settings.port_range, settings.max_mappings_per_client)
         self._router_wanted = router_wanted
-        self.ports = PortBook(*config.port_range)
-        self.leases: dict[MappingKey, Lease] = {}
-        self.by_client: dict[IPv4Address, set[MappingKey]] = defaultdict(set)
-        self.candidates: dict[MappingKey, Candidate] = {}
-        self.pending: set[str] = set()  # comments of rules being written right now
-        self.uncertain: set[str] = set()  # comments of writes whose outcome is unknown
-        self.removing: set[str] = set()  # rule ids being removed right now
-        self._removal_logs: list[set[str]] = []  # open while a reconciliation lists rules
-        # Rules to remove when the router allows: id -> (mapping, router port still held).
-        self.garbage: dict[str, tuple[MappingKey, int]] = {}
-        self.interface: str | None = None
-        self.router_ready = False  # a port view and an interface have been loaded
-        self._alloc = BoundedSemaphore(1)
+        self._on_change = on_change
+        self._on_granted = on_granted  # a fresh upstream grant: plan the next keep-alive
         self._locks: KeyedLocks[MappingKey] = KeyedLocks()
         self._joiner: Joiner[tuple[object, ...], Outcome] = Joiner()
-        self._creating: dict[IPv4Address, int] = defaultdict(int)
-        self._warned: dict[tuple[IPv4Address, str, str], float] = {}
-        self.counters: dict[str, int] = defaultdict(int)
+        self._throttle = Throttle(clock)
+        self._statics = {MappingKey(s.client, s.proto, s.port): s
+                         for s in settings.static_mappings}
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("created", "renewed", "renewed_from_lease", "kept_alive", "moved", "deleted",
+             "expired", "closed", "adopted", "abandoned", "port_changes"), 0)
 
-    # ----------------------------------------------------------------- entry
+    # ------------------------------------------------------------------ views
+
+    @property
+    def leases(self):  # type: ignore[no-untyped-def]
+        return self.table.leases
+
+    @property
+    def candidates(self):  # type: ignore[no-untyped-def]
+        return self.table.candidates
+
+    def locked(self, key: MappingKey):  # type: ignore[no-untyped-def]
+        return self._locks.hold(key)
+
+    def is_static(self, key: MappingKey) -> bool:
+        return key in self._statics
+
+    # ------------------------------------------------------------------ entry
 
     def handle(self, client: IPv4Address, request: MapRequest) -> Outcome:
         """Serve one mapping request (the caller checked the client is allowed)."""
@@ -150,135 +161,204 @@ class Mapper:
             key = MappingKey(client, proto, internal)
             return self._joiner.run(("delete", key), lambda: self.delete(key))
         key = MappingKey(client, proto, internal)
-        lifetime = min(request.lifetime, self.config.max_lifetime)
+        requested = min(request.lifetime, self.settings.max_lifetime)
         suggested = request.suggested_port
-        return self._joiner.run(("map", key), lambda: self._map(key, suggested, lifetime))
+        return self._joiner.run(("map", key), lambda: self._map(key, suggested, requested))
 
-    def _map(self, key: MappingKey, suggested: int, lifetime: int) -> Outcome:
+    def _map(self, key: MappingKey, suggested: int, requested: int) -> Outcome:
         with self._locks.hold(key):
-            lease = self.leases.get(key)
+            lease = self.table.lease(key)
             if lease is not None:
-                return self._renew(lease, lifetime)
-            candidate = self.candidates.get(key)
-            if candidate is not None and candidate.owned.router_port is not None:
-                return self._adopt(candidate, suggested, lifetime)
-            return self._create(key, suggested, lifetime)
+                return self._renew(lease, requested)
+            candidate = self.table.candidates.get(key)
+            if candidate is not None:
+                return self._adopt(candidate, suggested, requested)
+            return self._create(key, suggested, requested)
 
     # ---------------------------------------------------------------- create
 
-    def _create(self, key: MappingKey, suggested: int, lifetime: int) -> Outcome:
+    def _create(self, key: MappingKey, suggested: int, requested: int,
+                static: bool = False) -> Outcome:
         client, proto = key.client, key.proto
-        held = len(self.by_client.get(client, ())) + self._creating[client]
-        if held >= self.config.max_per_client:
-            self._event(logging.WARNING, "mapping.refused", key, result=Result.OUT_OF_RESOURCES,
-                        reason="MAX_MAPPINGS_PER_CLIENT reached")
-            return _NO_PORT
-        interface = self.interface
-        if not self.router_ready or interface is None:
-            self._router_wanted()
-            self._event(logging.WARNING, "mapping.failed", key, result=Result.NETWORK_FAILURE,
-                        reason="router not synchronised yet (unreachable or no VPN interface)")
-            return _FAILED
-        internal_mode = self.config.port_mode == "internal"
-        router_first = internal_mode and key.internal_port != 0
+        internal_mode = self.settings.port_mode == "internal"
         # The same client's mapping of the other protocol (gluetun and Proton's loop map
         # UDP then TCP): share its ports, so both protocols get one external port.
-        companion = self.leases.get(MappingKey(client, _OTHER[proto], key.internal_port))
+        companion = self.table.lease(MappingKey(client, _OTHER[proto], key.internal_port))
         if companion is not None:
             suggested = companion.external_port
-        elif not self.ports.in_range(suggested):
+        elif not self.table.in_range(suggested):
             suggested = 0  # e.g. Proton's "1": a hint nobody can honour, not worth a search
         preferred = [p for p in (suggested, key.internal_port) if p]
         if companion is not None:
             preferred.insert(0, companion.upstream_port)
-        with self._alloc:
-            port = self.ports.allocate(client, proto, preferred, router=internal_mode)
-        if port is None:
-            self._event(logging.WARNING, "mapping.refused", key, result=Result.OUT_OF_RESOURCES,
-                        reason="no free port")
+        write = self.table.reserve(key, preferred, router_port=internal_mode, static=static)
+        if write == "quota":
+            self._event(logging.WARNING, "mapping.refused", key, reason_code="quota",
+                        result=Result.OUT_OF_RESOURCES,
+                        reason="MAX_MAPPINGS_PER_CLIENT reached")
             return _NO_PORT
-        comment = rule_comment(key, port)
-        self.pending.add(comment)
-        self._creating[client] += 1
+        if write == "no port":
+            self._event(logging.WARNING, "mapping.refused", key, reason_code="no-port",
+                        result=Result.OUT_OF_RESOURCES, reason="no free port")
+            return _NO_PORT
+        if write == "not synchronised":
+            self._router_wanted()
+            self._event(logging.WARNING, "mapping.failed", key, reason_code="router-unsynced",
+                        result=Result.NETWORK_FAILURE,
+                        reason=f"router not synchronised: {self.table.problem}")
+            return _FAILED
+        assert isinstance(write, Write)
         try:
-            if router_first:
-                return self._create_rule_first(key, port, suggested, lifetime, interface)
-            return self._create_upstream_first(key, port, suggested, lifetime, interface)
+            if internal_mode and key.internal_port != 0:
+                return self._create_rule_first(write, suggested, requested)
+            return self._create_upstream_first(write, suggested, requested)
         finally:
-            self.pending.discard(comment)
-            self._creating[client] -= 1
-            if not self._creating[client]:
-                del self._creating[client]
+            # Killed or failed unexpectedly half-way: whatever call was in flight may have
+            # taken effect. The record stays (unknown) until a listing settles it. (Under
+            # the key's lock, every unfinished write of this key is this workflow's.)
+            for current in self.table.writes_for(key):
+                if not current.unknown:
+                    self.table.unknown(current)
 
-    def _create_rule_first(
-        self,
-        key: MappingKey,
-        port: int,
-        suggested: int,
-        lifetime: int,
-        interface: str,
-        first_try: bool = True,
-    ) -> Outcome:
-        spec = RuleSpec(key.proto, interface, port, key.client, key.internal_port,
-                        rule_comment(key, port))
-        rule_id = self._add_rule(spec, key, collision_retry=first_try)
-        if rule_id is _COLLISION:
-            # Our view of the router was stale: remember the port as taken, try another.
-            self.ports.mark_foreign(key.proto, port)
-            self._release(key, port, port)
-            with self._alloc:
-                retry = self.ports.allocate(key.client, key.proto, (), router=True)
-            if retry is None:
-                return _NO_PORT
-            self.pending.add(rule_comment(key, retry))
-            try:
-                return self._create_rule_first(key, retry, suggested, lifetime, interface,
-                                               first_try=False)
-            finally:
-                self.pending.discard(rule_comment(key, retry))
-        if rule_id is None:
-            self._release(key, port, port)
+    def _add(self, write: Write, spec: RuleSpec, retry_collision: bool) -> Write | Outcome:
+        """Write the rule; the updated write, or the outcome to answer on failure (the
+        write already settled in the table)."""
+        key = write.key
+        try:
+            ref = self.router.add_rule(spec)
+        except AlreadyExists as exc:
+            if retry_collision and write.router_port == write.upstream_port:
+                # Our view of the router was stale: the port is taken; try another.
+                self._event(logging.INFO, "mapping.collision", key, router_port=spec.dst_port,
+                            reason=f"router refused the rule: {exc}")
+                moved = self.table.another_router_port(write)
+                if moved is None:
+                    return _NO_PORT
+                return self._add(moved, replace(spec, dst_port=moved.router_port or 0,
+                                                comment=moved.comment), retry_collision=False)
+            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
+            self._failed(key, "router-refused", f"router refused the rule: {exc}",
+                         spec.dst_port)
+            return _NO_PORT
+        except InvalidValue as exc:
+            # Typically the VPN interface went away: detect it again before more rules.
+            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
+            self.table.unsynchronised(f"the router refused the rule: {exc}")
+            self._router_wanted()
+            self._failed(key, "router-refused", f"router refused the rule: {exc}",
+                         spec.dst_port)
             return _FAILED
-        answer = self._ask(key.proto, port, suggested, lifetime, key)
-        if answer is None or not _granted(answer):
-            removed = self._drop_rule(rule_id, key, port)
-            self._release(key, port, port if removed else None)
-            return _upstream_failure(answer)
-        return self._install(key, port, port, key.internal_port, rule_id, interface, answer,
-                             lifetime, "mapping.created")
+        except NotSent as exc:
+            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
+            self._failed(key, "router-unreachable", f"router unreachable: {exc}",
+                         spec.dst_port)
+            return _FAILED
+        except RouterUnavailable as exc:
+            # The add may have happened before the connection broke: the port stays
+            # reserved until a listing shows whether the rule exists.
+            self.table.unknown(write)
+            self._failed(key, "router-unavailable", f"router unreachable: {exc}",
+                         spec.dst_port)
+            return _FAILED
+        except RouterError as exc:
+            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
+            self._failed(key, "router-refused", f"router refused the rule: {exc}",
+                         spec.dst_port)
+            return _FAILED
+        return self.table.written(write, ref)
 
-    def _create_upstream_first(
-        self, key: MappingKey, port: int, suggested: int, lifetime: int, interface: str
-    ) -> Outcome:
-        internal_mode = self.config.port_mode == "internal"
-        router_port_if_internal = port if internal_mode else None
-        answer = self._ask(key.proto, port, suggested, lifetime, key)
-        if answer is None or not _granted(answer):
-            self._release(key, port, router_port_if_internal)
+    def _upstream_first(self, write: Write) -> bool:
+        return not (self.settings.port_mode == "internal" and write.key.internal_port != 0)
+
+    def _create_rule_first(self, write: Write, suggested: int, requested: int) -> Outcome:
+        key = write.key
+        assert write.router_port is not None
+        spec = RuleSpec(key.proto, write.interface, write.router_port, key.client,
+                        key.internal_port, write.comment)
+        written = self._add(write, spec, retry_collision=True)
+        if isinstance(written, Outcome):
+            return written
+        answer = self._ask(key, written.upstream_port, suggested, requested)
+        if answer is None or not answer.granted:
+            # No answer at all: the gateway may have mapped it and the reply been lost,
+            # so the upstream port waits for its delete (a refusal mapped nothing).
+            doomed = self.table.abandon(written, "the gateway did not grant the mapping",
+                                        upstream_mapped=answer is None)
+            if doomed is not None:
+                self._remove(doomed)
             return _upstream_failure(answer)
-        router_port = port if internal_mode else answer.external_port
-        if not internal_mode:
-            with self._alloc:
-                free = self.ports.router_free(key.proto, router_port, key.client)
-                if free:
-                    self.ports.hold_router(key.proto, router_port, key.client)
-            if not free:
-                self._event(logging.WARNING, "mapping.refused", key,
-                            result=Result.OUT_OF_RESOURCES, router_port=router_port,
-                            reason="granted port is taken on the router")
-                self._forget_upstream(key.proto, port, key)
-                self._release(key, port, None)
+        return self._install(written, written.router_port or 0, key.internal_port, answer,
+                             requested)
+
+    def _create_upstream_first(self, write: Write, suggested: int, requested: int) -> Outcome:
+        key = write.key
+        answer = self._ask(key, write.upstream_port, suggested, requested)
+        if answer is None or not answer.granted:
+            self.table.cancel(write, upstream_mapped=answer is None)  # as in rule-first
+            return _upstream_failure(answer)
+        if write.router_port is None:
+            reserved = self.table.reserve_router(write, answer.external_port)
+            if reserved is None:
+                self.table.cancel(write, upstream_mapped=True)
+                self._end_upstream(key.proto, write.upstream_port, key)
+                self._event(logging.WARNING, "mapping.refused", key, reason_code="port-taken",
+                            result=Result.OUT_OF_RESOURCES, router_port=answer.external_port,
+                            reason="the granted port is taken on the router")
                 return _NO_PORT
+            write = reserved
+        assert write.router_port is not None
         to_port = key.internal_port or answer.external_port
-        spec = RuleSpec(key.proto, interface, router_port, key.client, to_port,
-                        rule_comment(key, port))
-        rule_id = self._add_rule(spec, key)
-        if rule_id is None:
-            self._forget_upstream(key.proto, port, key)
-            self._release(key, port, router_port)
-            return _FAILED
-        return self._install(key, port, router_port, to_port, rule_id, interface, answer,
-                             lifetime, "mapping.created")
+        spec = RuleSpec(key.proto, write.interface, write.router_port, key.client, to_port,
+                        write.comment)
+        written = self._add(write, spec, retry_collision=False)
+        if isinstance(written, Outcome):
+            if written.result != Result.SUCCESS and write.comment not in self.table.writes:
+                self._end_upstream(key.proto, write.upstream_port, key)
+            return written
+        return self._install(written, written.router_port or 0, to_port, answer, requested)
+
+    def _install(self, write: Write, router_port: int, to_port: int, answer: MapAnswer,
+                 requested: int) -> Outcome:
+        now = self.clock()
+        told = granted_lifetime(requested, answer.lifetime, self.settings.max_lifetime)
+        lease = self.table.install(write, Lease(
+            key=write.key,
+            upstream_port=write.upstream_port,
+            router_port=router_port,
+            to_port=to_port,
+            rule=write.rule,  # type: ignore[arg-type]
+            interface=write.interface,
+            external_port=answer.external_port,
+            expires_at=self._deadline(write.static, now, requested, told),
+            told=told,
+            requested=requested,
+            upstream_expires_at=now + answer.lifetime,
+            upstream_renewed_at=now,
+            generation=self.upstream.generation,
+            static=write.static,
+        ))
+        self.counters["created"] += 1
+        self._on_old_interface(lease)
+        self._event(logging.INFO, "mapping.created", lease.key, lease=lease, lifetime=told,
+                    result=Result.SUCCESS)
+        self._changed(ChangeKind.CREATED, lease, "client request" if not lease.static
+                      else "static mapping")
+        self._on_granted(lease)
+        return Outcome(Result.SUCCESS, answer.external_port, answer.lifetime)
+
+    def _on_old_interface(self, lease: Lease) -> None:
+        """The rule was written (or found) on an interface the router stopped using
+        meanwhile (a reconciliation moved the other rules while this one was being
+        written): ask for a reconciliation now, not at the next interval."""
+        view = self.table.router
+        if view is not None and view.interface != lease.interface:
+            self._router_wanted()
+
+    def _deadline(self, static: bool, now: float, requested: int, told: int) -> float:
+        if static:
+            return FOREVER
+        kept = requested if self.settings.upstream_keepalive else told
+        return now + kept + self.settings.expiry_grace
 
     # ----------------------------------------------------------------- renew
 
@@ -291,451 +371,475 @@ class Mapper:
         if request.lifetime == 0:
             return None
         key = MappingKey(client, request.proto, request.internal_port)
-        lease = self.leases.get(key)
+        lease = self.table.lease(key)
         if lease is None or self._locks.busy(key) or self._joiner.joined(("map", key)):
             return None
         now = self.clock()
         if not self._fresh(lease, now):
             return None
-        return self._from_lease(lease, min(request.lifetime, self.config.max_lifetime), now)
+        return self._from_lease(lease, min(request.lifetime, self.settings.max_lifetime), now)
 
     def _fresh(self, lease: Lease, now: float) -> bool:
-        """Was the upstream mapping confirmed so recently that asking again is waste?"""
-        if lease.generation != self.upstream.generation or lease.upstream_expires_at <= now:
+        """Was the upstream mapping confirmed so recently that asking again is waste?
+        Never with less than a second left: the answer would say lifetime 0, which tells
+        the client its mapping is gone."""
+        if lease.generation != self.upstream.generation \
+                or lease.upstream_expires_at - now < 1 or lease.parked:
             return False
-        window = min((lease.upstream_expires_at - lease.upstream_renewed_at) * _FRESH_FRACTION,
-                     _FRESH_MAX)
+        window = min(lease.upstream_lifetime * _FRESH_FRACTION, _FRESH_MAX)
         return now - lease.upstream_renewed_at < window
 
-    def _renew(self, lease: Lease, lifetime: int) -> Outcome:
+    def _renew(self, lease: Lease, requested: int) -> Outcome:
         now = self.clock()
-        current = lease.generation == self.upstream.generation
-        upstream_left = lease.upstream_expires_at - now
         if self._fresh(lease, now):
-            return self._from_lease(lease, lifetime, now)
-        answer = self._ask(lease.key.proto, lease.upstream_port, lease.external_port, lifetime,
-                           lease.key)
-        if answer is None or not _granted(answer):
-            if current and upstream_left >= 1:
+            return self._from_lease(lease, requested, now)
+        answer = self._ask(lease.key, lease.upstream_port, lease.external_port, requested)
+        if answer is None or not answer.granted:
+            if lease.generation == self.upstream.generation and \
+                    lease.upstream_expires_at - now >= 1:
                 # The gateway is not answering, but what it granted still holds.
-                return self._from_lease(lease, lifetime, now)
+                return self._from_lease(lease, requested, now)
             return _upstream_failure(answer)
-        return self._follow(lease, answer, lifetime)
+        return self._follow(lease, answer, requested, "client renewal")
 
-    def _from_lease(self, lease: Lease, lifetime: int, now: float) -> Outcome:
+    def _from_lease(self, lease: Lease, requested: int, now: float) -> Outcome:
         left = int(lease.upstream_expires_at - now)
-        told = granted_lifetime(lifetime, left, self.config.max_lifetime)
-        deadline = max(lease.expires_at, now + told + self.config.expiry_grace)
-        self.leases[lease.key] = replace(lease, expires_at=deadline)
+        told = granted_lifetime(requested, left, self.settings.max_lifetime)
+        deadline = max(lease.expires_at, self._deadline(lease.static, now, requested, told))
+        self.table.renewed(replace(lease, expires_at=deadline, told=told,
+                                   requested=max(requested, 1)))
         self.counters["renewed_from_lease"] += 1
         return Outcome(Result.SUCCESS, lease.external_port, left)
 
-    def _follow(self, lease: Lease, answer: MapAnswer, lifetime: int) -> Outcome:
-        """Store a fresh upstream grant; move the rule if the granted port moved."""
+    def _follow(self, lease: Lease, answer: MapAnswer, requested: int | None,
+                why: str, announce: bool = True) -> Outcome:
+        """Store a fresh upstream grant; move the rule if the granted port moved.
+
+        `requested` is the client's lifetime for a client's request; None for doublenat's
+        own renewal (keep-alive, re-mapping), which never lengthens the mapping's life.
+        """
         key = lease.key
-        router_port, to_port = self._rule_ports(lease, answer.external_port)
-        if (router_port, to_port) != (lease.router_port, lease.to_port):
-            moved = self._move_rule(lease, router_port, to_port)
+        previous = lease.external_port
+        if answer.external_port != previous or lease.parked:
+            moved = self._move_rule(lease, answer.external_port, why)
             if moved is None:
                 return _FAILED
             lease = moved
         now = self.clock()
-        told = granted_lifetime(lifetime, answer.lifetime, self.config.max_lifetime)
-        self.leases[key] = replace(
+        if requested is None:
+            told = lease.told
+            deadline = lease.expires_at
+        else:
+            told = granted_lifetime(requested, answer.lifetime, self.settings.max_lifetime)
+            deadline = self._deadline(lease.static, now, requested, told)
+        lease = self.table.renewed(replace(
             lease,
             external_port=answer.external_port,
-            expires_at=now + told + self.config.expiry_grace,
+            expires_at=deadline,
+            told=told,
+            requested=lease.requested if requested is None else requested,
             upstream_expires_at=now + answer.lifetime,
             upstream_renewed_at=now,
             generation=self.upstream.generation,
-        )
-        self.counters["renewed"] += 1
+        ))
+        self.counters["renewed" if requested is not None else "kept_alive"] += 1
         if log.isEnabledFor(logging.DEBUG):
-            self._event(logging.DEBUG, "mapping.renewed", key, lease=self.leases[key],
-                        lifetime=told, result=Result.SUCCESS)
+            self._event(logging.DEBUG, "mapping.renewed", key, lease=lease, lifetime=told,
+                        result=Result.SUCCESS, reason=why)
+        if answer.external_port != previous and announce:
+            self.counters["port_changes"] += 1
+            self._event(logging.WARNING, "mapping.changed", key, lease=lease,
+                        previous_external_port=previous, reason=why, result=Result.SUCCESS)
+            self._changed(ChangeKind.CHANGED, lease, why, previous)
+        self._on_granted(lease)
         return Outcome(Result.SUCCESS, answer.external_port, answer.lifetime)
 
-    def _rule_ports(self, lease: Lease, external_port: int) -> tuple[int, int]:
-        router_port = external_port if self.config.port_mode == "external" else lease.router_port
-        to_port = lease.key.internal_port or external_port
-        return router_port, to_port
-
-    def _move_rule(self, lease: Lease, router_port: int, to_port: int) -> Lease | None:
+    def _move_rule(self, lease: Lease, external_port: int, why: str) -> Lease | None:
+        """The rule follows a moved external port in `external` mode (the gateway
+        delivers to the granted port); in `internal` mode only to-ports of a port-0
+        mapping follow. A parked rule is enabled again on its new port. Returns the lease
+        as moved, or None if the rule could not follow."""
         key = lease.key
+        external_mode = self.settings.port_mode == "external"
+        router_port = external_port if external_mode else lease.router_port
+        to_port = key.internal_port or external_port
+        if (router_port, to_port) == (lease.router_port, lease.to_port) and not lease.parked:
+            return replace(lease, external_port=external_port)
+        if lease.moving_to is not None:
+            # An earlier move's outcome is unknown: the rule may be on either port, both
+            # reserved. A third port would need a third reservation; settle it first.
+            self._router_wanted()
+            self._event(logging.WARNING, "mapping.failed", key, reason_code="move-unsettled",
+                        result=Result.NETWORK_FAILURE,
+                        reason="an earlier move of the rule is not settled yet")
+            return None
         changes: dict[str, str] = {}
-        if router_port != lease.router_port:
-            with self._alloc:
-                free = self.ports.router_free(key.proto, router_port, key.client)
-                if free:
-                    self.ports.hold_router(key.proto, router_port, key.client)
-            if not free:
-                self._event(logging.WARNING, "mapping.failed", key,
+        moving = router_port != lease.router_port or lease.parked
+        if moving:
+            if not self._reserve_move(lease, router_port):
+                self._event(logging.WARNING, "mapping.failed", key, reason_code="port-taken",
                             result=Result.NETWORK_FAILURE, router_port=router_port,
                             reason="the gateway moved the port to one taken on the router")
                 return None
             changes["dst_port"] = str(router_port)
+            if lease.parked:
+                changes["disabled"] = "no"
         if to_port != lease.to_port:
             changes["to_ports"] = str(to_port)
+        settled = False
         try:
-            self.router.update_rule(lease.rule_id, **changes)
-        except RouterError as exc:
-            if router_port != lease.router_port:
-                self.ports.release_router(key.proto, router_port, key.client)
-            self._event(logging.WARNING, "mapping.failed", key, result=Result.NETWORK_FAILURE,
-                        reason=f"could not move the rule: {exc}")
+            ref = ruleops.update(self.router, lease.rule, lease.comment, **changes)
+            settled = True
+        except (NotSent, StaleSession, RouterTrap) as exc:
+            settled = True  # certainly not applied
+            if moving:
+                self.table.move_failed(key, router_port)
+            self._event(logging.WARNING, "mapping.failed", key, reason_code="move-failed",
+                        result=Result.NETWORK_FAILURE, reason=f"could not move the rule: {exc}")
             return None
-        if router_port != lease.router_port:
-            self.ports.release_router(key.proto, lease.router_port, key.client)
-        moved = replace(lease, router_port=router_port, to_port=to_port)
-        self._event(logging.INFO, "mapping.moved", key, lease=moved, result=Result.SUCCESS)
+        except RouterError as exc:
+            self._event(logging.WARNING, "mapping.failed", key, reason_code="move-failed",
+                        result=Result.NETWORK_FAILURE,
+                        reason=f"could not move the rule (reconciliation finds out where it "
+                               f"is): {exc}")
+            return None
+        finally:
+            if not settled:
+                # Sent, outcome unknown (a broken connection, or killed meanwhile): both
+                # ports stay reserved until a listing shows where the rule is.
+                self.table.move_unknown(key, router_port if moving else None)
+        moved = replace(lease, router_port=router_port, to_port=to_port,
+                        external_port=external_port, parked=False, moving_to=None,
+                        rule=ref or lease.rule)
+        if ref is None and not lease.parked:
+            if moving:
+                self.table.move_failed(key, router_port)
+            self._event(logging.WARNING, "mapping.failed", key, reason_code="move-failed",
+                        result=Result.NETWORK_FAILURE,
+                        reason="the rule is gone from the router; reconciliation restores it")
+            return None
+        # (A parked rule that vanished is re-made by reconciliation on its new port.)
+        moved = self.table.moved(moved)
+        self.counters["moved"] += 1
+        self._event(logging.INFO, "mapping.moved", key, lease=moved, result=Result.SUCCESS,
+                    reason=why)
         return moved
+
+    def _reserve_move(self, lease: Lease, port: int) -> bool:
+        """Reserve the port a rule moves to. In external mode, after an upstream loss the
+        gateway may hand out a port that one of our own mappings held before the loss
+        (the gateway no longer delivers it there): that mapping's rule is parked
+        (disabled) so the port forwards to one client only, and the parked rule comes
+        back when its own re-map grants it a port (two mappings handed each other's
+        ports would otherwise wait for each other forever)."""
+        key = lease.key
+        if self.table.begin_move(key, port):
+            return True
+        holder = self.table.lease_holding(key.proto, port)
+        if (self.settings.port_mode != "external" or holder is None or holder.key == key
+                or holder.generation >= self.upstream.generation):
+            return False
+        with self._locks.try_hold(holder.key) as held:
+            current = self.table.lease(holder.key)
+            if not held or current is None or current.parked or current.router_port != port:
+                return False
+            if current.comment in self.table.writes:
+                # Its rule is being re-created, with an unknown outcome: a copy it does
+                # not know may be there, enabled; disabling the known one would not stop
+                # the port forwarding to it. Not parked: this move waits for a later try.
+                return False
+            try:
+                ref = ruleops.update(self.router, current.rule, current.comment, disabled="yes")
+            except RouterError:
+                return False
+            if ref is not None:
+                self.table.rule_found(holder.key, ref)
+            parked = self.table.park(holder.key)
+            self._event(logging.WARNING, "mapping.parked", holder.key, lease=parked,
+                        result=Result.SUCCESS, reason=f"the gateway gave its port to {key}; "
+                        "its rule is disabled until its own re-map")
+        return self.table.begin_move(key, port)
+
+    def refresh(self, key: MappingKey, why: str) -> bool | None:
+        """doublenat's own upstream renewal of a live mapping (keep-alive, re-mapping
+        after an upstream loss). True: renewed; False: failed, try again later; None:
+        nothing to renew (the mapping ended)."""
+        with self._locks.hold(key):
+            lease = self.table.lease(key)
+            if lease is None or lease.expires_at <= self.clock():
+                return None
+            answer = self._ask(key, lease.upstream_port, lease.external_port, lease.requested)
+            if answer is None or not answer.granted:
+                return False
+            return self._follow(lease, answer, None, why).result == Result.SUCCESS
 
     # ----------------------------------------------------------------- adopt
 
-    def _adopt(self, candidate: Candidate, suggested: int, lifetime: int) -> Outcome:
+    def _adopt(self, candidate: Candidate, suggested: int, requested: int,
+               static: bool = False) -> Outcome:
         owned = candidate.owned
         key = owned.key
         router_port = owned.router_port
         assert router_port is not None
-        if self.config.port_mode == "external":
+        if self.settings.port_mode == "external":
             suggested = router_port
-        answer = self._ask(key.proto, owned.upstream_port, suggested, lifetime, key)
-        if answer is None or not _granted(answer):
+        answer = self._ask(key, owned.upstream_port, suggested, requested)
+        if answer is None or not answer.granted:
             return _upstream_failure(answer)
         now = self.clock()
-        lease = Lease(
+        told = granted_lifetime(requested, answer.lifetime, self.settings.max_lifetime)
+        to_port = owned.to_port or key.internal_port
+        # The rule as found, then made to follow the grant like any renewal.
+        lease = self.table.adopt(key, Lease(
             key=key,
             upstream_port=owned.upstream_port,
             router_port=router_port,
-            to_port=owned.to_port or key.internal_port,
-            rule_id=owned.rule.rule_id,
-            interface=candidate.interface,
-            external_port=answer.external_port,
-            # Replaced by _follow; kept alive a little if moving the rule fails there.
-            expires_at=now + self.config.expiry_grace,
+            to_port=to_port,
+            rule=candidate.rule,
+            interface=owned.rule.in_interface,
+            external_port=(router_port if self.settings.port_mode == "external"
+                           else answer.external_port),
+            expires_at=self._deadline(static, now, requested, told),
+            told=told,
+            requested=requested,
             upstream_expires_at=now,
             upstream_renewed_at=now,
             generation=self.upstream.generation,
-        )
-        del self.candidates[key]
-        self.leases[key] = lease
-        self.by_client[key.client].add(key)
+            static=static,
+        ))
         self.counters["adopted"] += 1
-        outcome = self._follow(lease, answer, lifetime)
-        self._event(logging.INFO, "mapping.adopted", key, lease=self.leases.get(key, lease),
-                    result=outcome.result)
+        self._on_old_interface(lease)
+        if owned.rule.disabled:
+            # Parked by the earlier run (which stopped without its cleanup): parked here
+            # too, so following the grant enables it on the port the gateway gave.
+            lease = self.table.park(key) or lease
+        outcome = self._follow(lease, answer, requested, "adopted after a restart",
+                               announce=False)
+        current = self.table.lease(key) or lease
+        self._event(logging.INFO, "mapping.adopted", key, lease=current, result=outcome.result)
+        self._changed(ChangeKind.CREATED, current, "rule of an earlier run adopted")
         return outcome
 
     # ---------------------------------------------------------------- delete
 
-    def delete(
-        self,
-        key: MappingKey,
-        event: str = "mapping.deleted",
-        upstream_later: list[tuple[Proto, int, MappingKey]] | None = None,
-    ) -> Outcome:
-        """Remove a mapping (idempotent: nothing to delete is success). With
-        `upstream_later`, the upstream delete is queued there instead of sent."""
+    def delete(self, key: MappingKey, event: str = "mapping.deleted",
+               upstream_now: bool = True) -> Outcome:
+        """Remove a mapping (idempotent: nothing to delete is success). A static mapping
+        stays: a client's delete cannot end what STATIC_MAPPINGS holds."""
         with self._locks.hold(key):
-            lease = self.leases.get(key)
+            lease = self.table.lease(key)
             if lease is not None:
-                self._teardown(lease, event, upstream_later)
+                if lease.static and event == "mapping.deleted":
+                    self._event(logging.INFO, "mapping.kept", key, lease=lease,
+                                reason="static mapping: a client's delete does not end it",
+                                result=Result.SUCCESS)
+                    return _DONE
+                self._teardown(key, event, upstream_now)
                 return _DONE
-            candidate = self.candidates.pop(key, None)
-            if candidate is not None:
-                self._drop_candidate(candidate, event, upstream_later)
+            candidate = self.table.candidates.get(key)
+            doomed = self.table.drop_candidate(key, "rule of an earlier run, deleted")
+            if candidate is not None and doomed is not None:
+                self._remove(doomed)
+                if upstream_now:
+                    self._end_upstream(key.proto, candidate.owned.upstream_port, key)
         return _DONE
 
     def delete_all(self, client: IPv4Address, proto: Proto) -> Outcome:
         """RFC 6886 3.4: internal port 0 and lifetime 0 remove the client's mappings of
         that protocol only."""
-        keys = [k for k in self.by_client.get(client, ()) if k.proto == proto]
-        keys += [k for k in self.candidates if k.client == client and k.proto == proto]
-        self._in_parallel(self.delete, keys)
+        self._in_parallel(self.delete, self.table.keys_of(client, proto))
         return _DONE
 
-    def _teardown(
-        self,
-        lease: Lease,
-        event: str,
-        upstream_later: list[tuple[Proto, int, MappingKey]] | None = None,
-    ) -> None:
-        key = lease.key
-        del self.leases[key]
-        client_keys = self.by_client.get(key.client)
-        if client_keys is not None:
-            client_keys.discard(key)
-            if not client_keys:
-                del self.by_client[key.client]
-        removed = self._drop_rule(lease.rule_id, key, lease.router_port)
-        self._forget_upstream_now_or_later(key.proto, lease.upstream_port, key, upstream_later)
-        self.ports.release_upstream(key.proto, lease.upstream_port, key.client)
-        if removed:
-            self.ports.release_router(key.proto, lease.router_port, key.client)
+    def _teardown(self, key: MappingKey, event: str, upstream_now: bool) -> None:
+        ended = self.table.end(key, event)
+        if ended is None:
+            return
+        lease, doomed = ended
+        self._remove(doomed)
+        if upstream_now:
+            self._end_upstream(key.proto, lease.upstream_port, key)
         self.counters[event.split(".")[1]] += 1
         self._event(logging.INFO, event, key, lease=lease, lifetime=0, result=Result.SUCCESS)
-
-    def _drop_candidate(
-        self,
-        candidate: Candidate,
-        event: str,
-        upstream_later: list[tuple[Proto, int, MappingKey]] | None = None,
-    ) -> None:
-        owned = candidate.owned
-        key = owned.key
-        removed = self._drop_rule(owned.rule.rule_id, key, owned.router_port or 0)
-        self._forget_upstream_now_or_later(key.proto, owned.upstream_port, key, upstream_later)
-        self.ports.release_upstream(key.proto, owned.upstream_port, key.client)
-        if removed and owned.router_port is not None:
-            self.ports.release_router(key.proto, owned.router_port, key.client)
-        self._event(logging.INFO, event, key, rule_id=owned.rule.rule_id,
-                    router_port=owned.router_port, result=Result.SUCCESS,
-                    reason="rule of an earlier run")
+        self._changed(ChangeKind.DELETED, replace(lease, told=0), event.split(".")[1])
 
     # ---------------------------------------------------------------- expiry
 
     def expire_due(self) -> int:
         """End mappings whose client stopped renewing, and unadopted earlier rules."""
         now = self.clock()
-        due = [k for k, lease in self.leases.items() if lease.expires_at <= now]
-        stale = [k for k, c in self.candidates.items()
-                 if c.seen_at + self.config.adopt_grace <= now]
+        due = [k for k, lease in self.table.leases.items() if lease.expires_at <= now]
+        grace = self.settings.adopt_grace
+        stale = [k for k, c in self.table.candidates.items() if c.seen_at + grace <= now]
         self._in_parallel(self._expire, due)
         self._in_parallel(self._expire_candidate, stale)
         return len(due) + len(stale)
 
     def _expire(self, key: MappingKey) -> None:
         with self._locks.hold(key):
-            lease = self.leases.get(key)
+            lease = self.table.lease(key)
             # A renewal may have run while we waited for the lock: trust only the deadline.
             if lease is not None and lease.expires_at <= self.clock():
-                self._teardown(lease, "mapping.expired")
+                self._teardown(key, "mapping.expired", upstream_now=True)
 
     def _expire_candidate(self, key: MappingKey) -> None:
         with self._locks.hold(key):
-            candidate = self.candidates.get(key)
-            deadline = None if candidate is None else candidate.seen_at + self.config.adopt_grace
-            if candidate is not None and deadline is not None and deadline <= self.clock():
-                del self.candidates[key]
-                self._drop_candidate(candidate, "mapping.abandoned")
+            candidate = self.table.candidates.get(key)
+            if candidate is None or candidate.seen_at + self.settings.adopt_grace > self.clock():
+                return
+            doomed = self.table.drop_candidate(key, "rule of an earlier run, never renewed")
+            if doomed is not None:
+                self.counters["abandoned"] += 1
+                self._remove(doomed)
+                self._end_upstream(key.proto, candidate.owned.upstream_port, key)
+                self._event(logging.INFO, "mapping.abandoned", key,
+                            rule_id=candidate.rule.rule_id, router_port=doomed.router_port,
+                            result=Result.SUCCESS, reason="rule of an earlier run")
+
+    def flush(self, final: bool = False) -> None:
+        """Finish what an interrupted or failed step left: doomed rules, upstream deletes.
+        `final` (shutdown): an upstream delete that fails is kept, so the leftovers say
+        what the gateway may still hold; otherwise it is given up (its lease runs out)."""
+        self._in_parallel(self._remove_doomed, list(self.table.doomed.values()))
+        self.flush_upstream(final)
+
+    def _remove_doomed(self, doomed: Doomed) -> None:
+        if doomed.token in self.table.doomed:
+            self._remove(doomed)
+
+    def flush_upstream(self, final: bool = False) -> None:
+        ends = list(self.table.upstream_ends.items())
+        if ends:
+            Pool(_UPSTREAM_PARALLEL).map(
+                lambda e: self._end_upstream(e[0][0], e[0][1], e[1], keep_failed=final), ends)
+
+    # ---------------------------------------------------------- static mappings
+
+    def ensure_statics(self) -> int:
+        """Create every static mapping that has no lease (at start, after failures);
+        returns how many are still missing."""
+        missing = [k for k in self._statics if self.table.lease(k) is None]
+        self._in_parallel(self._ensure_static, missing)
+        return sum(1 for k in self._statics if self.table.lease(k) is None)
+
+    def _ensure_static(self, key: MappingKey) -> None:
+        lifetime = self.settings.max_lifetime
+        with self._locks.hold(key):
+            if self.table.lease(key) is not None:
+                return
+            candidate = self.table.candidates.get(key)
+            if candidate is not None:
+                self._adopt(candidate, key.internal_port, lifetime, static=True)
+            else:
+                self._create(key, key.internal_port, lifetime, static=True)
+
+    @property
+    def statics(self) -> tuple[StaticMapping, ...]:
+        return tuple(self._statics.values())
 
     # -------------------------------------------------------------- shutdown
 
     def close_all(self) -> int:
-        """Remove every rule and upstream mapping doublenat holds (graceful shutdown).
+        """Remove every rule and upstream mapping doublenat holds (graceful shutdown);
+        returns how many mappings and adoptable rules it ended. What is left, if
+        anything, is in the table (`describe_leftovers`).
 
         Rules first, over the router pool; then the upstream deletes, many at a time,
         so a silent gateway cannot hold the router cleanup back.
         """
-        keys = list(self.leases) + [k for k in self.candidates if k not in self.leases]
-        upstream: list[tuple[Proto, int, MappingKey]] = []
-        self._in_parallel(lambda k: self.delete(k, "mapping.closed", upstream), keys)
-        for rule_id in list(self.garbage):
-            self.remove_garbage(rule_id)
-        if upstream:
-            Pool(_SHUTDOWN_UPSTREAM_PARALLEL).map(lambda u: self._forget_upstream(*u), upstream)
+        keys = list(self.table.leases) + [k for k in self.table.candidates
+                                          if k not in self.table.leases]
+        self._in_parallel(lambda k: self.delete(k, "mapping.closed", upstream_now=False), keys)
+        self._in_parallel(self._close_write, list(self.table.writes.values()))
+        self.flush(final=True)
         return len(keys)
 
-    # ---------------------------------------------------- reconciliation hooks
-
-    def remove_garbage(self, rule_id: str) -> bool:
-        if rule_id not in self.garbage:
-            return True
+    def _close_write(self, write: Write) -> None:
+        """A write that never finished (a killed handler, an unknown outcome): find its
+        rule by comment and remove it; then the record can go."""
         try:
-            self.router.remove_rule(rule_id)
-        except NoSuchItem:
-            pass
+            found = self.router.find_rules(write.comment)
         except RouterError:
-            return False
-        self.forget_garbage(rule_id)
-        return True
-
-    def forget_garbage(self, rule_id: str) -> None:
-        """The rule is gone from the router: its port is free again."""
-        entry = self.garbage.pop(rule_id, None)
-        if entry is not None:
-            key, port = entry
-            self.ports.release_router(key.proto, port, key.client)
-
-    @contextmanager
-    def watching_removals(self) -> Iterator[set[str]]:
-        """While a reconciliation lists the router's rules, collect the ids of rules being
-        removed or removed meanwhile: such a rule may still be listed, yet belongs to
-        a mapping that just ended, not to an earlier run."""
-        seen = set(self.removing)
-        self._removal_logs.append(seen)
-        try:
-            yield seen
-        finally:
-            self._removal_logs.remove(seen)
-            seen |= self.removing
-
-    def locked(self, key: MappingKey) -> AbstractContextManager[None]:
-        return self._locks.hold(key)
+            return
+        for doomed in self.table.settle_write(write, found):
+            self._remove(doomed)
 
     # --------------------------------------------------------------- helpers
 
-    def _install(
-        self,
-        key: MappingKey,
-        upstream_port: int,
-        router_port: int,
-        to_port: int,
-        rule_id: str,
-        interface: str,
-        answer: MapAnswer,
-        lifetime: int,
-        event: str,
-    ) -> Outcome:
-        now = self.clock()
-        told = granted_lifetime(lifetime, answer.lifetime, self.config.max_lifetime)
-        lease = Lease(
-            key=key,
-            upstream_port=upstream_port,
-            router_port=router_port,
-            to_port=to_port,
-            rule_id=rule_id,
-            interface=interface,
-            external_port=answer.external_port,
-            expires_at=now + told + self.config.expiry_grace,
-            upstream_expires_at=now + answer.lifetime,
-            upstream_renewed_at=now,
-            generation=self.upstream.generation,
-        )
-        self.leases[key] = lease
-        self.by_client[key.client].add(key)
-        self.counters["created"] += 1
-        self._event(logging.INFO, event, key, lease=lease, lifetime=told, result=Result.SUCCESS)
-        return Outcome(Result.SUCCESS, answer.external_port, answer.lifetime)
-
-    def _add_rule(self, spec: RuleSpec, key: MappingKey, collision_retry: bool = False
-                  ) -> str | None:
-        """The new rule's id; None if it failed; `_COLLISION` if the router says the
-        port is taken and the caller will retry with another."""
+    def _remove(self, doomed: Doomed) -> bool:
         try:
-            return self.router.add_rule(spec)
-        except RouterTrap as exc:
-            reason = f"router refused the rule: {exc}"
-            if collision_retry and "already have" in str(exc):
-                self._event(logging.INFO, "mapping.collision", key, router_port=spec.dst_port,
-                            reason=reason)
-                return _COLLISION
-            if "in-interface" in str(exc):
-                self.router_ready = False  # the VPN interface went away: detect it again
-                self._router_wanted()
+            refs = ruleops.remove(self.router, doomed.rule, doomed.comment)
         except RouterError as exc:
-            reason = f"router unreachable: {exc}"
-            # The add may have happened before the connection broke: clean it up later.
-            self.uncertain.add(spec.comment)
-        self._event(logging.WARNING, "mapping.failed", key, result=Result.NETWORK_FAILURE,
-                    router_port=spec.dst_port, reason=reason)
-        return None
-
-    def _drop_rule(self, rule_id: str, key: MappingKey, router_port: int) -> bool:
-        self.removing.add(rule_id)
-        try:
-            self.router.remove_rule(rule_id)
-            return True
-        except RouterError as exc:
-            self.garbage[rule_id] = (key, router_port)
-            self._event(logging.WARNING, "rule.remove_failed", key, rule_id=rule_id,
-                        reason=f"{exc}; reconciliation will remove it")
+            self._event(logging.WARNING, "rule.remove_failed", doomed.key,
+                        rule_id=doomed.rule.rule_id, reason=f"{exc}; it will be removed later",
+                        reason_code="remove-failed")
             return False
-        finally:
-            self.removing.discard(rule_id)
-            for removed in self._removal_logs:
-                removed.add(rule_id)
+        self.table.removed(doomed, refs)
+        return True
 
-    def _ask(self, proto: Proto, port: int, suggested: int, lifetime: int,
-             key: MappingKey) -> MapAnswer | None:
+    def _ask(self, key: MappingKey, port: int, suggested: int,
+             lifetime: int) -> MapAnswer | None:
         try:
-            answer = self.gateway.map(proto, port, suggested, lifetime)
+            answer = self.gateway.map(key.proto, port, suggested, lifetime)
         except GatewayError as exc:
             self._event(logging.WARNING, "upstream.failed", key, upstream_port=port,
-                        reason=str(exc), result=Result.NETWORK_FAILURE)
+                        reason=str(exc), reason_code="gateway-silent",
+                        result=Result.NETWORK_FAILURE)
             return None
         self.upstream.saw_epoch(answer.epoch)
-        if not _granted(answer):
+        if not answer.granted:
             self._event(logging.WARNING, "upstream.refused", key, upstream_port=port,
-                        upstream_result=int(answer.result), result=_upstream_failure(answer).result)
+                        upstream_result=int(answer.result), reason_code="gateway-refused",
+                        result=_upstream_failure(answer).result)
         return answer
 
-    def _forget_upstream(self, proto: Proto, port: int, key: MappingKey) -> None:
+    def _end_upstream(self, proto: Proto, port: int | None, key: MappingKey,
+                      keep_failed: bool = False) -> None:
+        if port is None:
+            return
         try:
             answer = self.gateway.map(proto, port, 0, 0)
         except GatewayError as exc:
             # The upstream lease runs out by itself; nothing on the router depends on it.
             self._event(logging.INFO, "upstream.delete_failed", key, upstream_port=port,
                         reason=str(exc))
-            return
-        self.upstream.saw_epoch(answer.epoch)
-
-    def _forget_upstream_now_or_later(
-        self,
-        proto: Proto,
-        port: int,
-        key: MappingKey,
-        later: list[tuple[Proto, int, MappingKey]] | None,
-    ) -> None:
-        if later is None:
-            self._forget_upstream(proto, port, key)
+            if keep_failed:
+                return
         else:
-            later.append((proto, port, key))
+            self.upstream.saw_epoch(answer.epoch)
+        self.table.upstream_ended(proto, port)
 
-    def _release(self, key: MappingKey, upstream_port: int, router_port: int | None) -> None:
-        self.ports.release_upstream(key.proto, upstream_port, key.client)
-        if router_port is not None:
-            self.ports.release_router(key.proto, router_port, key.client)
+    def _failed(self, key: MappingKey, code: str, reason: str, router_port: int) -> None:
+        self._event(logging.WARNING, "mapping.failed", key, result=Result.NETWORK_FAILURE,
+                    router_port=router_port, reason=reason, reason_code=code)
 
-    def _in_parallel(
-        self, work: Callable[[MappingKey], object], keys: Iterable[MappingKey]
-    ) -> None:
-        keys = list(keys)
-        if len(keys) == 1:
-            work(keys[0])
-        elif keys:
+    def _in_parallel(self, work: Callable[..., object], items: Iterable[object]) -> None:
+        items = list(items)
+        if len(items) == 1:
+            work(items[0])
+        elif items:
             # More workers than router connections keeps all of them busy.
-            Pool(16).map(work, keys)
+            Pool(_PARALLEL).map(work, items)
 
-    def _event(self, level: int, event: str, key: MappingKey, lease: Lease | None = None,
+    def _changed(self, kind: ChangeKind, lease: Lease, why: str,
+                 previous: int | None = None) -> None:
+        address = self.upstream.address
+        self._on_change(MappingChange(
+            kind=kind, proto=lease.key.proto, client=lease.key.client,
+            internal_port=lease.key.internal_port, external_port=lease.external_port,
+            lifetime=lease.told, static=lease.static, previous_external_port=previous,
+            public_address=address, reason=why))
+
+    def _event(self, level: int, event: str, key: MappingKey | None,
+               lease: Lease | None = None, reason_code: str | None = None,
                **fields: object) -> None:
         """One record per mapping event, always with the same fields (None when unknown),
         so a log aggregator can graph and filter them without parsing messages."""
-        if level >= logging.WARNING and event in _THROTTLED:
-            # A client hammering past its quota, or every request while the router is
-            # down, is one warning per client and reason every few seconds, not a flood.
-            mark = (key.client, event, str(fields.get("reason", "")))
-            now = self.clock()
-            if now - self._warned.get(mark, -_WARN_EVERY) < _WARN_EVERY:
-                level = logging.DEBUG
-            else:
-                self._warned[mark] = now
-                if len(self._warned) > _WARNED_MAX:
-                    self._warned = {m: t for m, t in self._warned.items()
-                                    if now - t < _WARN_EVERY}
+        if level >= logging.WARNING and event in _THROTTLED and key is not None and \
+                not self._throttle.allow(key.client, f"{event}:{reason_code}"):
+            level = logging.DEBUG
         if not log.isEnabledFor(level):
             return
-        record: dict[str, object] = {
-            "event": event,
-            "client": str(key.client),
-            "protocol": key.proto.label,
-            "internal_port": key.internal_port,
-            "router_port": None,
-            "upstream_port": None,
-            "external_port": None,
-            "rule_id": None,
-            "interface": None,
-            "lifetime": None,
-            "result": None,
-        }
-        if lease is not None:
-            record.update(router_port=lease.router_port, upstream_port=lease.upstream_port,
-                          external_port=lease.external_port, rule_id=lease.rule_id,
-                          interface=lease.interface)
-        for name, value in fields.items():
-            record[name] = int(value) if isinstance(value, Result) else value
+        record = mapping_fields(event, key, lease, fields)
+        if reason_code is not None:
+            record["reason_code"] = reason_code
         log.log(level, event.replace(".", " "), extra=record)
-
-
-def _granted(answer: MapAnswer) -> bool:
-    return answer.result == Result.SUCCESS and answer.external_port != 0 and answer.lifetime > 0

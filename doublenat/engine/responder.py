@@ -140,7 +140,7 @@ class Responder:
             return map_failure(request, epoch, outcome.result)
         if request.lifetime == 0:
             return MapReply(request.proto, epoch, Result.SUCCESS, request.internal_port, 0, 0)
-        lifetime = max(1, min(request.lifetime, self.mapper.config.max_lifetime,
+        lifetime = max(1, min(request.lifetime, self.mapper.settings.max_lifetime,
                               outcome.lifetime))
         return MapReply(request.proto, epoch, Result.SUCCESS, request.internal_port,
                         outcome.external_port, lifetime)

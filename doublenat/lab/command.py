@@ -11,7 +11,8 @@ import gevent
 from gevent.event import Event
 
 from doublenat import logs
-from doublenat.lab.run import VPN_INTERFACE, Lab, LabConfig
+from doublenat.lab.routeros import CURRENT, LAB_VERSIONS
+from doublenat.lab.run import Lab, LabConfig
 
 log = logging.getLogger("doublenat.lab")
 
@@ -28,18 +29,23 @@ log = logging.getLogger("doublenat.lab")
               metavar="MS", help="Milliseconds the emulated router takes per API command.")
 @click.option("--router-port", type=int, default=0, metavar="PORT",
               help="TCP port of the emulated RouterOS API [default: any free port].")
+@click.option("--routeros", type=click.Choice(LAB_VERSIONS), default=CURRENT,
+              show_default=True, metavar="VERSION",
+              help="RouterOS version the emulated router behaves as "
+                   f"({', '.join(LAB_VERSIONS)}).")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="text",
               show_default=True)
 @click.option("--log-level", default="INFO", show_default=True)
 def lab(listen: str, profile: str, port_mode: str | None, router_latency: float,
-        router_port: int, log_format: str, log_level: str) -> None:
+        router_port: int, routeros: str, log_format: str, log_level: str) -> None:
     """Run doublenat against an emulated MikroTik and VPN gateway on loopback.
 
     Runs until Ctrl-C, then shuts down the way `serve` does: every rule it made on the
     emulated router is removed before it exits.
     """
     the_lab = Lab(LabConfig(listen=listen, profile=profile, port_mode=port_mode,
-                            router_latency=router_latency / 1000, router_port=router_port))
+                            router_latency=router_latency / 1000, router_port=router_port,
+                            routeros=routeros))
     logs.configure(log_level.upper(), log_format, secrets=[the_lab.password])
     the_lab.router.state.nat.add_observer(_show_rule_change)
     try:
@@ -50,11 +56,13 @@ def lab(listen: str, profile: str, port_mode: str | None, router_latency: float,
     host, port = the_lab.daemon.address
     router_host, router_port_bound = the_lab.router.address
     gateway = "{}:{}".format(*the_lab.gateway.address)
+    version = the_lab.router.profile.version_text
     click.echo(
         f"""
 doublenat lab is running.
   doublenat (NAT-PMP)     {host}:{port}
-  emulated MikroTik API   {router_host}:{router_port_bound}  (VPN interface {VPN_INTERFACE})
+  emulated MikroTik API   {router_host}:{router_port_bound}  (RouterOS {version}, """
+        f"""VPN interface {the_lab.vpn_interface})
   emulated VPN gateway    {gateway}  (profile {profile}, public address """
         f"""{the_lab.config.public_address})
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from doublenat.daemon import Daemon
 from doublenat.lab.gateway import GatewayEmulator
-from doublenat.lab.routeros import RouterOsEmulator
+from doublenat.lab.routeros import CURRENT, RouterOsEmulator
 from doublenat.protocol.natpmp import AddressRequest, pack_request, parse_reply
 from doublenat.settings import Settings
 
@@ -36,6 +36,7 @@ class LabConfig:
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 0
     router_port: int = 0
+    routeros: str = CURRENT  # the emulated router's version profile (6.49, 7.16, 7.21)
     public_address: str = "11.22.33.44"
     settings: Mapping[str, str] = field(default_factory=dict)  # any other setting
 
@@ -53,8 +54,9 @@ class Lab:
             self.config.router_port,
             users={"doublenat": self.password},
             latency=self.config.router_latency,
+            profile=self.config.routeros,
         )
-        self.router.state.interfaces.update({VPN_INTERFACE, LAN_INTERFACE})
+        self._set_up_router()
         self.gateway = GatewayEmulator(
             self.config.gateway_host,
             self.config.gateway_port,
@@ -64,6 +66,15 @@ class Lab:
         self.daemon: Daemon | None = None
         self.settings: Settings | None = None
         self._emulators_started = False
+
+    def _set_up_router(self) -> None:
+        """A typical home router whose tunnel routes the VPN gateway (wg-proton on 7.x; 6.x
+        has no WireGuard, so an OpenVPN client there)."""
+        state = self.router.state
+        self.vpn_interface = VPN_INTERFACE if state.profile.v7 else "ovpn-proton"
+        state.setup_home_router(vpn_gateway=self.config.gateway_host,
+                                vpn_interface=self.vpn_interface)
+        self._router_set_up = self.router
 
     def environment(self) -> dict[str, str]:
         """The settings the lab's daemon runs with (password included: it is the lab's)."""
@@ -90,12 +101,11 @@ class Lab:
         if self._emulators_started:
             return
         self._emulators_started = True
+        if self.router is not self._router_set_up:
+            # A caller swapped in its own emulator (with TLS, say): give it the same setup.
+            self._set_up_router()
         self.router.start()
         self.gateway.start()
-        gateway_host = self.gateway.address[0]
-        # The router routes the VPN gateway through the tunnel interface.
-        self.router.state.routes.set(f"{gateway_host}/32", interface=VPN_INTERFACE,
-                                     nexthop=gateway_host)
 
     def start(self, timeout: float = 10.0, synced: bool = True) -> Lab:
         """Start everything; return once the daemon answers (and, if `synced`, once it

@@ -24,12 +24,25 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from doublenat.adapters.front import BindError, bind_udp
-from doublenat.adapters.routeros import NAT
+from doublenat.adapters.routeros import NAT, RouterOsClient
 from doublenat.adapters.upstream import NatPmpClient
-from doublenat.engine.contracts import GatewayError, RouterError, RouterTrap, RouterUnavailable
+from doublenat.engine.contracts import (
+    GatewayError,
+    InvalidValue,
+    NotPermitted,
+    RouterError,
+    RouterTrap,
+    RouterUnavailable,
+)
+from doublenat.engine.interface import (
+    Detection,
+    detect_interface,
+    has_route_check,
+    read_resource,
+    version_tuple,
+)
 from doublenat.protocol.natpmp import Result
 from doublenat.settings import RULE_PREFIX, Settings
-from doublenat.tools.router import ToolRouter
 
 # Comment of the write check's throw-away rule: deliberately without RULE_PREFIX.
 CHECK_COMMENT = "doublenat-check"
@@ -77,22 +90,23 @@ class CheckResult:
 SETTINGS = ("settings", "settings valid")
 REACHABLE = ("router-reachable", "router reachable")
 LOGIN = ("router-login", "login ok")
+VERSION = ("router-version", "RouterOS version")
 NAT_READ = ("nat-read", "API user can read /ip/firewall/nat")
-ROUTE_CHECK = ("route-check", "API user can run /ip/route/check")
+ROUTE = ("vpn-route", "route toward the VPN gateway")
 INTERFACE = ("vpn-interface", "VPN interface")
 NAT_WRITE = ("nat-write", "API user can write /ip/firewall/nat")
 GATEWAY = ("vpn-gateway", "VPN gateway answers NAT-PMP with a public address")
 LISTEN = ("listen", "listen address can be bound")
-ALL = (SETTINGS, REACHABLE, LOGIN, NAT_READ, ROUTE_CHECK, INTERFACE, NAT_WRITE, GATEWAY,
+ALL = (SETTINGS, REACHABLE, LOGIN, VERSION, NAT_READ, ROUTE, INTERFACE, NAT_WRITE, GATEWAY,
        LISTEN)
-_ROUTER = (LOGIN, NAT_READ, ROUTE_CHECK, INTERFACE, NAT_WRITE)
+_ROUTER = (LOGIN, VERSION, NAT_READ, ROUTE, INTERFACE, NAT_WRITE)
 
 Check = tuple[str, str]
 
 
 def interface_check(settings: Settings) -> Check:
     """The interface check's title says which of its two forms runs."""
-    form = "exists" if settings.in_interface else "detected"
+    form = "exists" if settings.in_interface else "is a tunnel"
     return (INTERFACE[0], f"{INTERFACE[1]} {form}")
 
 
@@ -126,7 +140,7 @@ def policy_hint(policy: str) -> str:
 
 
 def _is_permission(exc: RouterError) -> bool:
-    return "permission" in str(exc)
+    return isinstance(exc, NotPermitted)
 
 
 # ------------------------------------------------------------------- the run
@@ -158,7 +172,7 @@ def run_checks(settings: Settings) -> Iterator[CheckResult]:
 def router_checks(settings: Settings) -> Iterator[CheckResult]:
     """Reachable, login, then what the API user may do and the interface, in order."""
     try:
-        router = ToolRouter.from_settings(settings)
+        router = RouterOsClient.from_settings(settings, size=1)
     except (ssl.SSLError, OSError) as exc:
         yield failed(REACHABLE, f"cannot use MIKROTIK_API_TLS_CA: {exc}",
                      "MIKROTIK_API_TLS_CA must be a PEM file of CA certificates")
@@ -215,7 +229,7 @@ def check_reachable(settings: Settings, tls: ssl.SSLContext | None = None) -> Ch
 class _RouterSession:
     """The checks that need a logged-in API connection; they share one."""
 
-    def __init__(self, settings: Settings, router: ToolRouter) -> None:
+    def __init__(self, settings: Settings, router: RouterOsClient) -> None:
         self.settings = settings
         self.router = router
         self.lost: str | None = None  # set when the router went away mid-way
@@ -224,15 +238,18 @@ class _RouterSession:
         login = self.login()
         yield login
         if login.failed:
-            for check in _after(NAT_READ, self.settings):
+            for check in _after(VERSION, self.settings):
                 yield skipped(check, "no login")
             return
+        yield self.guarded(VERSION, self.version)
         yield self.guarded(NAT_READ, self.nat_read)
-        route, routed = self.route_check()
-        yield route
-        interface_result, interface = self.interface(route, routed)
-        yield interface_result
-        yield self.guarded(NAT_WRITE, lambda: self.nat_write(interface))
+        detection = self.detect()
+        yield self.route(detection)
+        interface = self.interface(detection)
+        yield interface
+        usable = (detection.view.interface if isinstance(detection, Detection) and
+                  detection.view is not None and interface.status is Status.PASS else None)
+        yield self.guarded(NAT_WRITE, lambda: self.nat_write(usable))
 
     def guarded(self, check: Check, work: Any) -> CheckResult:
         """Run one check unless the router was lost; a lost router fails it."""
@@ -263,6 +280,23 @@ class _RouterSession:
                           "supported")
         return passed(LOGIN, f"as {user} on router {name!r}" if name else f"as {user}")
 
+    def version(self) -> CheckResult:
+        resource = read_resource(self.router)
+        version = resource.get("version")
+        if not version:
+            return failed(VERSION, "/system/resource cannot be read",
+                          policy_hint("read") + "; without it a router restart is assumed at "
+                          "every reconnect")
+        board = resource.get("board-name")
+        how = ("/ip/route/check" if has_route_check(version)
+               else "the main routing table (this version has no /ip/route/check)")
+        detail = f"{version}" + (f" on {board}" if board else "") + \
+            f"; the VPN interface is found from {how}"
+        numbers = version_tuple(version)
+        if numbers is not None and numbers < (6, 43):
+            return failed(VERSION, detail, "RouterOS 6.43 or later is needed (plaintext login)")
+        return passed(VERSION, detail)
+
     def nat_read(self) -> CheckResult:
         try:
             rules = self.router.list_rules()
@@ -272,64 +306,67 @@ class _RouterSession:
         owned = sum(1 for r in rules if r.comment.startswith(RULE_PREFIX))
         return passed(NAT_READ, f"{len(rules)} dstnat rules, {owned} of them doublenat's")
 
-    def route_check(self) -> tuple[CheckResult, str | None]:
-        """Runs `/ip/route/check` toward the gateway; also the auto-detection itself."""
-        gateway = self.settings.vpn_gateway.host
-        configured = self.settings.in_interface
+    def detect(self) -> Detection | RouterError | None:
         if self.lost:
-            return skipped(ROUTE_CHECK, self.lost), None
+            return None
         try:
-            interface = self.router.route_interface(gateway)
+            return detect_interface(self.router, self.settings.vpn_gateway.host,
+                                    self.settings.in_interface)
         except RouterUnavailable as exc:
             self.lost = "the router stopped answering"
-            return failed(ROUTE_CHECK, str(exc)), None
-        except RouterTrap as exc:
-            if configured:
-                return skipped(ROUTE_CHECK, "not needed, MIKROTIK_IN_INTERFACE is set "
-                                            f"(the router said: {exc})"), None
-            if _is_permission(exc):
-                hint = policy_hint("test")
-            elif "no such command" in str(exc):
-                hint = ("this RouterOS version has no /ip/route/check; set "
-                        "MIKROTIK_IN_INTERFACE to the VPN interface")
-            else:
-                hint = "set MIKROTIK_IN_INTERFACE to the VPN interface"
-            return failed(ROUTE_CHECK, str(exc), hint), None
-        if interface is None:
-            return passed(ROUTE_CHECK, f"no route toward {gateway}"), None
-        return passed(ROUTE_CHECK, f"route toward {gateway} via {interface}"), interface
+            return exc
+        except RouterError as exc:
+            return exc
 
-    def interface(self, route: CheckResult, routed: str | None) -> tuple[CheckResult, str | None]:
-        configured = self.settings.in_interface
+    def route(self, detection: Detection | RouterError | None) -> CheckResult:
         gateway = self.settings.vpn_gateway.host
+        if detection is None:
+            return skipped(ROUTE, self.lost or "")
+        if isinstance(detection, RouterError):
+            # Which policy /ip/route/check needs is not recorded: name both candidates.
+            hint = (policy_hint("read") + " (/ip/route/check may need 'test' instead)"
+                    if _is_permission(detection)
+                    else "set MIKROTIK_IN_INTERFACE to the VPN interface")
+            return failed(ROUTE, str(detection), hint)
+        if detection.source == "setting":
+            return passed(ROUTE, "not needed: MIKROTIK_IN_INTERFACE is set")
+        if detection.found is None:
+            return failed(ROUTE, f"no active route toward VPN_GATEWAY {gateway} "
+                                 f"(asked: {detection.source})",
+                          "bring the VPN tunnel up and route the gateway through it: "
+                          f"/ip route add dst-address={gateway}/32 gateway=<tunnel interface>; "
+                          "or set MIKROTIK_IN_INTERFACE; doublenat never guesses")
+        return passed(ROUTE, f"via {detection.found.interface} ({detection.found.detail})")
+
+    def interface(self, detection: Detection | RouterError | None) -> CheckResult:
+        configured = self.settings.in_interface
         check = interface_check(self.settings)
-        if self.lost:
-            return skipped(check, self.lost), None
+        if detection is None or isinstance(detection, RouterError):
+            return skipped(check, self.lost or "the route toward the gateway is unknown")
         if configured:
             try:
                 rows = self.router.read("/interface", queries={"name": configured})
             except RouterUnavailable as exc:
                 self.lost = "the router stopped answering"
-                return failed(check, str(exc)), None
+                return failed(check, str(exc))
             except RouterTrap as exc:
                 hint = policy_hint("read") if _is_permission(exc) else ""
-                return failed(check, f"cannot list interfaces: {exc}", hint), None
+                return failed(check, f"cannot list interfaces: {exc}", hint)
             if not rows:
                 return failed(check, f"the router has no interface named {configured!r}",
                               "check MIKROTIK_IN_INTERFACE (names are case-sensitive), or "
                               "unset it to detect the interface from the route toward "
-                              "VPN_GATEWAY"), None
-            detail = f"{configured}, configured"
-            if routed and routed != configured:
-                detail += f"; note: the route toward {gateway} leaves through {routed}"
-            return passed(check, detail), configured
-        if route.status is not Status.PASS:
-            return skipped(check, "needs /ip/route/check (or set MIKROTIK_IN_INTERFACE)"), None
-        if routed is None:
-            return failed(check, f"the router has no route toward VPN_GATEWAY {gateway}",
-                          "bring the VPN tunnel up (the gateway must be routed through it), "
-                          "or set MIKROTIK_IN_INTERFACE; doublenat never guesses"), None
-        return passed(check, f"{routed}, from the route toward {gateway}"), routed
+                              "VPN_GATEWAY")
+            kind = rows[0].get("type", "?")
+            return passed(check, f"{configured} (type {kind}), configured: trusted as given")
+        if detection.found is None:
+            return skipped(check, "no route toward the gateway")
+        if detection.problem is not None:
+            return failed(check, detection.problem,
+                          "doublenat creates no rule (and moves none) until the gateway is "
+                          "reached through a tunnel")
+        return passed(check, f"{detection.found.interface}, a tunnel, found by "
+                             f"{detection.source}")
 
     def nat_write(self, interface: str | None) -> CheckResult:
         """Add a disabled, unprefixed rule on the VPN interface, then remove it by id."""
@@ -338,30 +375,31 @@ class _RouterSession:
         if interface:
             words["in-interface"] = interface
         try:
-            rule_id = self.router.add_once(NAT, words)
+            ref = self.router.add_once(NAT, words)
         except RouterTrap as exc:
             hint = policy_hint("write") if _is_permission(exc) else ""
-            if "in-interface" in str(exc):
+            if isinstance(exc, InvalidValue):
                 hint = f"the router does not know the interface {interface!r}"
             return failed(NAT_WRITE, f"the router refused to add a rule: {exc}", hint)
         except RouterUnavailable:
             self._remove_by_comment(comment)  # the add may have taken effect
             raise
         try:
-            self.router.remove_rule(rule_id)
+            self.router.remove_rule(ref)
         except RouterError as exc:
             self._remove_by_comment(comment)
             hint = policy_hint("write") if _is_permission(exc) else ""
             hint = (hint + "; " if hint else "") + \
                 f"remove the disabled rule commented {comment!r} by hand if it is still there"
-            return failed(NAT_WRITE, f"test rule {rule_id} added but not removed: {exc}", hint)
+            return failed(NAT_WRITE, f"test rule {ref.rule_id} added but not removed: {exc}",
+                          hint)
         where = f" on {interface}" if interface else ""
         return passed(NAT_WRITE, f"disabled test rule{where} added and removed")
 
     def _remove_by_comment(self, comment: str) -> None:
         try:
             for rule in self.router.find_rules(comment):
-                self.router.remove_rule(rule.rule_id)
+                self.router.remove_rule(rule.ref)
         except RouterError:
             pass
 

@@ -1,4 +1,4 @@
-"""The click commands `check`, `list` and `cleanup`; `register(group)` adds them.
+"""The click commands `check`, `list`, `cleanup` and `status`; `register(group)` adds them.
 
 They take exactly the options and environment variables of `serve` (the same decorator),
 so an operator checks, lists and cleans up with the configuration the daemon runs with.
@@ -12,11 +12,11 @@ import sys
 
 import click
 
-from doublenat.cli import fail, load_settings, settings_options
+from doublenat.adapters.routeros import RouterOsClient
 from doublenat.engine.contracts import RouterError
+from doublenat.options import fail, load_settings, settings_options
 from doublenat.settings import SettingError, Settings
 from doublenat.tools import checks
-from doublenat.tools.router import ToolRouter
 from doublenat.tools.rules import ListedRule, format_table, owned_rules
 from doublenat.tools.rules import cleanup as remove_rules
 
@@ -25,7 +25,7 @@ FAILED = 1
 
 def register(group: click.Group) -> None:
     """Add the tools to `group` (once: a second call changes nothing)."""
-    for command in (check, list_rules, cleanup):
+    for command in (check, list_rules, cleanup, status):
         if command.name not in group.commands:
             group.add_command(command)
 
@@ -78,7 +78,7 @@ def _print_json(results: list[checks.CheckResult], settings: Settings | None) ->
     }, indent=2, ensure_ascii=False))
 
 
-def _read_owned(router: ToolRouter, settings: Settings) -> list[ListedRule]:
+def _read_owned(router: RouterOsClient, settings: Settings) -> list[ListedRule]:
     """doublenat's rules, read from the router; a failure ends the command (status 1)."""
     try:
         return owned_rules(router.list_rules())
@@ -94,7 +94,7 @@ def _read_owned(router: ToolRouter, settings: Settings) -> list[ListedRule]:
 def list_rules(as_json: bool, **values: str | None) -> None:
     """List the dst-nat rules doublenat owns, read from the router itself."""
     settings = _settings(values)
-    router = ToolRouter.from_settings(settings)
+    router = RouterOsClient.from_settings(settings, size=1)
     try:
         rules = _read_owned(router, settings)
     finally:
@@ -126,7 +126,7 @@ def cleanup(dry_run: bool, **values: str | None) -> None:
     renewing: stop it first, unless it is gone already.
     """
     settings = _settings(values)
-    router = ToolRouter.from_settings(settings)
+    router = RouterOsClient.from_settings(settings, size=1)
     try:
         rules = _read_owned(router, settings)
         if not rules:
@@ -148,3 +148,37 @@ def cleanup(dry_run: bool, **values: str | None) -> None:
         click.echo(f"removed {len(results) - failures} of {len(rules)} doublenat rules"
                    + (f"; {failures} failed" if failures else ""))
     sys.exit(FAILED if failures else 0)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the /status JSON as it came.")
+@settings_options
+def status(as_json: bool, **values: str | None) -> None:
+    """Show a running doublenat: router, gateway, health and every live mapping.
+
+    Asks the daemon's /status at METRICS_ADDR (which must be set, for the daemon and
+    here); of the other settings none is needed. Exit status 1 if nothing answers there.
+    """
+    import time
+
+    from doublenat.observe.show import StatusUnavailable, fetch_status, format_status
+    from doublenat.settings import BY_ENV
+
+    spec = BY_ENV["METRICS_ADDR"]
+    try:
+        address = spec.parse(spec.env, (values.get(spec.param) or "").strip() or None, {})
+    except SettingError as exc:
+        fail(str(exc), exc.variable)
+    if address is None:
+        fail("METRICS_ADDR: is not set; doublenat status asks the daemon's /status there "
+             "(set it as the daemon has it, e.g. METRICS_ADDR=127.0.0.1:9815)", "METRICS_ADDR")
+    try:
+        document = fetch_status(address)
+    except StatusUnavailable as exc:
+        click.echo(f"doublenat: {exc}", err=True)
+        sys.exit(FAILED)
+    if as_json:
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        for line in format_status(document, time.time()):
+            click.echo(line)

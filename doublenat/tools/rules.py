@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from doublenat.engine.contracts import NatRule, Router, RouterError
+from doublenat.engine.contracts import NatRule, NoSuchItem, Router, RouterError, RuleRef
 from doublenat.engine.model import parse_owned
 from doublenat.settings import RULE_PREFIX
 
@@ -39,6 +39,11 @@ class ListedRule:
     disabled: bool
     comment: str
     readable: bool
+    session: int = 0  # the router session the listing was made in
+
+    @property
+    def ref(self) -> RuleRef:
+        return RuleRef(self.rule_id, self.session)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -101,6 +106,7 @@ def owned_rules(rules: Iterable[NatRule]) -> list[ListedRule]:
             disabled=rule.disabled,
             comment=rule.comment,
             readable=owned is not None,
+            session=rule.session,
         ))
     return out
 
@@ -156,8 +162,11 @@ def cleanup(router: Router, rules: Iterable[ListedRule], dry_run: bool = False
             yield Removal(rule, Outcome.WOULD_REMOVE)
             continue
         try:
-            removed = router.remove_rule(rule.rule_id)
+            router.remove_rule(rule.ref)
+        except NoSuchItem:
+            yield Removal(rule, Outcome.GONE)
+            continue
         except RouterError as exc:
             yield Removal(rule, Outcome.FAILED, str(exc))
             continue
-        yield Removal(rule, Outcome.REMOVED if removed else Outcome.GONE)
+        yield Removal(rule, Outcome.REMOVED)

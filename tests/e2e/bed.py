@@ -309,6 +309,17 @@ class Bed:
                    release_program=True)
         self._wait_upstream()
 
+    def restart_miniupnpd(self, keep_leases: bool = False) -> None:
+        """Stop miniupnpd and start it again; without its lease file it comes back with
+        no mapping and a new epoch, as a VPN server that lost its state."""
+        self.procs.pop("miniupnpd").stop()
+        if not keep_leases:
+            self.leases.unlink(missing_ok=True)
+            # miniupnpd leaves its nft rules behind when it stops: a new server has none.
+            for chain in MINIUPNPD_CHAINS:
+                self.nft("vpn", "flush", "chain", "inet", "filter", chain)
+        self._start_miniupnpd()
+
     def _start_gateway_emulator(self) -> None:
         self.spawn("gateway", "vpn", [
             sys.executable, "-m", "doublenat.lab.standalone",
@@ -356,6 +367,8 @@ class Bed:
             "LISTEN_ADDR": "0.0.0.0:5351",
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "DEBUG",
+            # A reconnect of the upstream is noticed within 2 s (test_vpn_reconnect).
+            "UPSTREAM_PROBE_INTERVAL": "2",
         }
 
     def start_doublenat(self) -> Proc:

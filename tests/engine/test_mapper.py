@@ -7,7 +7,6 @@ from ipaddress import IPv4Address
 import gevent
 import pytest
 
-from doublenat.engine.mapper import Candidate
 from doublenat.engine.model import MappingKey, parse_owned
 from doublenat.protocol.natpmp import MapRequest, Proto, Result
 from tests.engine.fakes import TIMEOUT, TRANSPORT, TRAP, FakeGateway, make_mapper
@@ -26,10 +25,11 @@ def udp(internal: int, suggested: int = 0, lifetime: int = 3600) -> MapRequest:
 
 def rules_match_leases(mapper, router) -> None:  # type: ignore[no-untyped-def]
     """The invariant: the router's doublenat rules are exactly the live mappings' rules."""
+    mapper.table.check()
     owned = router.owned()
-    assert set(owned) == {lease.rule_id for lease in mapper.leases.values()}
+    assert set(owned) == {lease.rule.rule_id for lease in mapper.leases.values()}
     for lease in mapper.leases.values():
-        rule = owned[lease.rule_id]
+        rule = owned[lease.rule.rule_id]
         assert rule.dst_port == str(lease.router_port)
         assert rule.to_addresses == str(lease.key.client)
         assert rule.to_ports == str(lease.to_port)
@@ -61,7 +61,7 @@ def test_create_costs_one_router_write_and_no_read() -> None:
 def test_port_choice_suggested_then_internal_then_any() -> None:
     mapper, router, _, _ = make_mapper()
     router.add_foreign("tcp", "wg-proton", "7000-7001")
-    mapper.ports.load_foreign(router.list_rules(), "wg-proton")
+    mapper.table.load_foreign(router.list_rules(), "wg-proton")
     assert mapper.handle(A, tcp(6000, 5000)).result == Result.SUCCESS  # suggested 5000 free
     assert mapper.handle(A, tcp(6001, 7000)).result == Result.SUCCESS  # 7000 foreign -> 6001
     assert mapper.handle(A, tcp(7001, 7000)).result == Result.SUCCESS  # both taken -> other
@@ -96,14 +96,15 @@ def test_router_failure_asks_nothing_upstream() -> None:
     assert outcome.result == Result.NETWORK_FAILURE
     assert gateway.calls["create"] == 0
     assert not mapper.leases and not router.rules
-    assert mapper.ports.upstream_free(Proto.TCP, 6881, B)  # the port was released
+    assert mapper.table.upstream_free(Proto.TCP, 6881, B)  # the port was released
 
 
 def test_router_transport_failure_marks_the_write_uncertain() -> None:
     mapper, router, _, _ = make_mapper()
     router.fail["add_rule"] = TRANSPORT
     assert mapper.handle(A, tcp(6881)).result == Result.NETWORK_FAILURE
-    assert any(c.startswith("double-natpmp-tcp 192.168.88.20:6881") for c in mapper.uncertain)
+    unknown = [c for c, w in mapper.table.writes.items() if w.unknown]
+    assert any(c.startswith("double-natpmp-tcp 192.168.88.20:6881") for c in unknown)
 
 
 def test_upstream_failure_rolls_the_rule_back() -> None:
@@ -140,9 +141,11 @@ def test_rollback_that_fails_leaves_garbage_for_reconciliation() -> None:
     router.fail["remove_rule"] = TRANSPORT
     assert mapper.handle(A, tcp(6881)).result == Result.NETWORK_FAILURE
     [rule_id] = router.rules
-    assert rule_id in mapper.garbage
-    assert not mapper.ports.router_free(Proto.TCP, 6881, B)  # still held: the rule is there
-    assert mapper.remove_garbage(rule_id) and not router.rules
+    assert rule_id in {d.rule.rule_id for d in mapper.table.doomed.values()}
+    assert not mapper.table.router_free(Proto.TCP, 6881, B)  # still held: the rule is there
+    mapper.flush()
+    assert not router.rules and not mapper.table.doomed
+    assert mapper.table.router_free(Proto.TCP, 6881, B)
 
 
 def test_not_synchronised_router_gives_network_failure_without_calls() -> None:
@@ -155,7 +158,7 @@ def test_not_synchronised_router_gives_network_failure_without_calls() -> None:
 
 
 def test_quota_counts_both_protocols() -> None:
-    mapper, router, _, _ = make_mapper(max_per_client=3)
+    mapper, router, _, _ = make_mapper(max_mappings_per_client=3)
     assert mapper.handle(A, tcp(1001)).result == Result.SUCCESS
     assert mapper.handle(A, udp(1001)).result == Result.SUCCESS
     assert mapper.handle(A, tcp(1002)).result == Result.SUCCESS
@@ -290,7 +293,7 @@ def test_external_mode_rule_follows_the_granted_port() -> None:
     assert mapper.handle(A, tcp(6881, 0, 60)).external_port == 50505
     assert router.calls["update_rule"] == 1
     assert next(iter(router.rules.values())).dst_port == "50505"
-    assert mapper.ports.router_free(Proto.TCP, outcome.external_port, B)
+    assert mapper.table.router_free(Proto.TCP, outcome.external_port, B)
     rules_match_leases(mapper, router)
 
 
@@ -349,12 +352,12 @@ def test_adoption_keeps_the_rule_and_costs_no_router_write() -> None:
     fresh, _, _, _ = make_mapper(router=router, gateway=gateway, clock=clock)
     owned = parse_owned(router.rules[rule_id])
     assert owned is not None
-    fresh.candidates[owned.key] = Candidate(owned, "wg-proton", clock())
+    assert fresh.table.add_candidate(owned, owned.rule.ref, clock())
     writes = router.writes
     outcome = fresh.handle(A, tcp(6881, 6881, 60))
     assert outcome.result == Result.SUCCESS and outcome.external_port == 6881
     assert router.writes == writes and list(router.rules) == [rule_id]
-    assert fresh.leases[owned.key].rule_id == rule_id and not fresh.candidates
+    assert fresh.leases[owned.key].rule.rule_id == rule_id and not fresh.candidates
     rules_match_leases(fresh, router)
 
 
@@ -365,7 +368,7 @@ def test_unadopted_rules_are_removed_after_the_grace() -> None:
     [rule] = router.rules.values()
     owned = parse_owned(rule)
     assert owned is not None
-    fresh.candidates[owned.key] = Candidate(owned, "wg-proton", clock())
+    assert fresh.table.add_candidate(owned, owned.rule.ref, clock())
     clock.advance(99)
     assert fresh.expire_due() == 0 and router.rules
     clock.advance(2)
@@ -394,7 +397,7 @@ def test_repeated_refusals_warn_once_per_client_and_reason(caplog) -> None:  # t
     import logging
 
     caplog.set_level(logging.DEBUG, logger="doublenat.mapping")
-    mapper, _, _, clock = make_mapper(max_per_client=1)
+    mapper, _, _, clock = make_mapper(max_mappings_per_client=1)
     mapper.handle(A, tcp(1000))
     for port in range(1001, 1021):
         assert mapper.handle(A, tcp(port)).result == Result.OUT_OF_RESOURCES
@@ -410,18 +413,57 @@ def test_repeated_refusals_warn_once_per_client_and_reason(caplog) -> None:  # t
 
 
 def test_a_collision_the_router_reports_is_retried_on_another_port() -> None:
-    from doublenat.engine.contracts import RouterTrap
+    from doublenat.engine.contracts import AlreadyExists
 
     mapper, router, gateway, _ = make_mapper()
-    router.fail["add_rule"] = RouterTrap("failure: already have such rule")
+    router.fail["add_rule"] = AlreadyExists("failure: already have such rule")
     outcome = mapper.handle(A, tcp(6881, 6881))
     assert outcome.result == Result.SUCCESS
     [rule] = router.rules.values()
     assert rule.dst_port != "6881" and router.calls["add_rule"] == 2
-    assert not mapper.ports.router_free(Proto.TCP, 6881, A)  # remembered as taken
+    assert not mapper.table.router_free(Proto.TCP, 6881, A)  # remembered as taken
     rules_match_leases(mapper, router)
     # a router that refuses every time costs two tries, not a scan of every port
-    router.fail_always["add_rule"] = RouterTrap("failure: already have such rule")
-    assert mapper.handle(A, tcp(7000, 7000)).result == Result.NETWORK_FAILURE
+    router.fail_always["add_rule"] = AlreadyExists("failure: already have such rule")
+    assert mapper.handle(A, tcp(7000, 7000)).result == Result.OUT_OF_RESOURCES
     assert router.calls["add_rule"] == 4
     assert gateway.calls["create"] == 1
+
+
+# ------------------------------------------------------------ upstream moves
+
+
+def router_ports(router) -> dict[tuple[str, str], set[str]]:  # type: ignore[no-untyped-def]
+    """(protocol, dst-port) of enabled doublenat rules -> the clients they forward to."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in router.owned().values():
+        if not rule.disabled:
+            out.setdefault((rule.protocol, rule.dst_port), set()).add(rule.to_addresses)
+    return out
+
+
+def test_external_mode_ports_swapped_by_a_new_gateway_are_both_served() -> None:
+    """Suspected in issue 12, decided here: after a reconnect the gateway hands A the
+    port B had and B the port A had. Each rule must move onto a port the other still
+    holds; neither may wait for the other forever, and no port ever forwards to two
+    clients. (Decided: it happens; before parking, both were refused on every retry.)"""
+    mapper, router, gateway, _ = make_mapper(port_mode="external")
+    gateway.proton = True
+    a_port = mapper.handle(A, udp(5000, 0, 60)).external_port
+    b_port = mapper.handle(B, udp(6000, 0, 60)).external_port
+    a_key, b_key = MappingKey(A, Proto.UDP, 5000), MappingKey(B, Proto.UDP, 6000)
+    a_up, b_up = mapper.leases[a_key].upstream_port, mapper.leases[b_key].upstream_port
+    # A reconnect to another server: epoch back to 0, each gets the other's old port.
+    gateway.epoch = 0
+    gateway.mappings = {(Proto.UDP, a_up): b_port, (Proto.UDP, b_up): a_port}
+    for _ in range(2):
+        for key in (a_key, b_key):
+            mapper.refresh(key, "upstream lost")
+            assert all(len(clients) == 1 for clients in router_ports(router).values())
+            mapper.table.check()
+    assert router_ports(router) == {("udp", str(b_port)): {str(A)},
+                                    ("udp", str(a_port)): {str(B)}}
+    assert mapper.leases[a_key].external_port == b_port
+    assert mapper.leases[b_key].external_port == a_port
+    assert not any(lease.parked for lease in mapper.leases.values())
+    rules_match_leases(mapper, router)

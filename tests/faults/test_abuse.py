@@ -132,3 +132,27 @@ def test_the_rate_limit_applies_per_source(make_lab: MakeLab) -> None:
     with probe(lab.daemon.address, "127.0.0.8") as polite:
         assert polite.address().result == Result.SUCCESS
     assert lab.daemon.responder.counts["rate_limited"] >= 18
+
+
+def test_two_clients_behind_a_silent_gateway_cannot_fill_the_handler_pool(
+    make_lab: MakeLab,
+) -> None:
+    """Each request waiting on a silent gateway holds a handler for the whole upstream
+    budget; two clients retransmitting 60 new mappings each must not take all 100, or
+    even a cached opcode 0 from a third client goes unanswered (issue 12)."""
+    lab = make_lab()
+    with probe(lab.daemon.address, "127.0.3.1") as third:
+        assert third.address().result == Result.SUCCESS  # the address is cached now
+        lab.gateway.silence()
+        greedy = [Probe(lab.daemon.address, f"127.0.3.{i}") for i in (2, 3)]
+        try:
+            for client in greedy:
+                for port in range(20000, 20060):
+                    client.send(pack_request(MapRequest(Proto.TCP, port, port, 60)))
+            gevent.sleep(0.3)  # every one of them is read and waiting upstream
+            assert third.raw(pack_request(AddressRequest()), 1.0) is not None
+            busy = lab.daemon.server.in_flight()
+            assert busy < 100, busy
+        finally:
+            for client in greedy:
+                client.close()

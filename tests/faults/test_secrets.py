@@ -16,7 +16,7 @@ What it proves:
 - `doublenat serve --help` and `doublenat --help` do not show it when it is set (directly
   or through MIKROTIK_API_PASSWORD_FILE), nor does the error for another bad setting;
 - the log scrubber masks a password however repr() quoted the text around it (the fix
-  made here, see `doublenat.logs.Scrubber.add`).
+  made here, see `doublenat.redact.Redactor`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import pytest
 
 from doublenat import logs
 from doublenat.adapters.routeros import RouterOsClient
-from doublenat.engine.contracts import RouterError, RuleSpec
+from doublenat.engine.contracts import RouterError, RuleRef, RuleSpec
 from doublenat.lab.gateway import GatewayEmulator
 from doublenat.lab.routeros import RouterOsEmulator
 from doublenat.lab.routeros.faults import FaultKind, FaultSpec, Match
@@ -173,7 +173,7 @@ def test_adapter_failures_never_show_the_password(
             clock=lambda: 0.0)  # a frozen clock: no backoff between attempts
         raised: list[BaseException] = []
         for call in (client.identity, client.list_rules, lambda: client.add_rule(_spec()),
-                     lambda: client.remove_rule("*1"), client.identity):
+                     lambda: client.remove_rule(RuleRef("*1", 1)), client.identity):
             try:
                 call()
             except (RouterError, OSError) as exc:
@@ -226,10 +226,9 @@ def test_serve_logs_never_show_the_password(
     emu = RouterOsEmulator(users={USER: "something-else" if setup == "wrong password"
                                   else password},
                            ssl_context=pki["router"].server_context()).start()
-    emu.state.interfaces.add("wg-proton")
     gateway = GatewayEmulator("127.0.0.1", 0)
     gateway.start()
-    emu.state.routes.set("127.0.0.1/32", interface="wg-proton")
+    emu.state.add_route("127.0.0.1/32", "wg-proton")
     env = _base_env() | {
         "VPN_GATEWAY": "{}:{}".format(*gateway.address),
         "MIKROTIK_API_USER": USER,

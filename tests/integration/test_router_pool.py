@@ -11,7 +11,13 @@ import gevent
 import pytest
 
 from doublenat.adapters.routeros import RouterOsClient
-from doublenat.engine.contracts import NoSuchItem, RouterTrap, RouterUnavailable, RuleSpec
+from doublenat.engine.contracts import (
+    NoSuchItem,
+    NotPermitted,
+    RouterUnavailable,
+    RuleRef,
+    RuleSpec,
+)
 from doublenat.lab.routeros import RouterOsEmulator
 from doublenat.protocol.natpmp import Proto
 from doublenat.settings import Endpoint
@@ -21,8 +27,8 @@ PASSWORD = "s3cret-Pa55"
 
 @pytest.fixture
 def router() -> Iterator[RouterOsEmulator]:
+    # The emulator starts as a home router with the tunnel wg-proton (no route through it).
     emulator = RouterOsEmulator("127.0.0.1", 0, users={"doublenat": PASSWORD})
-    emulator.state.interfaces.add("wg-proton")
     emulator.start()
     yield emulator
     emulator.stop()
@@ -62,10 +68,11 @@ def test_a_trap_keeps_the_connection(router: RouterOsEmulator) -> None:
     client = client_for(router)
     client.list_rules()
     with pytest.raises(NoSuchItem):
-        client.update_rule("*99", dst_port="1")
-    assert client.remove_rule("*99") is False
+        client.update_rule(RuleRef("*99", client.session), dst_port="1")
+    with pytest.raises(NoSuchItem):
+        client.remove_rule(RuleRef("*99", client.session))
     router.trap("not enough permissions (9)", "/ip/firewall/nat/add")
-    with pytest.raises(RouterTrap, match="not enough permissions"):
+    with pytest.raises(NotPermitted, match="not enough permissions"):
         client.add_rule(spec(7000))
     client.list_rules()
     assert router.counters.connections_accepted == 1 and router.counters.disconnects == 0
@@ -101,9 +108,9 @@ def test_a_write_broken_midway_is_never_duplicated(router: RouterOsEmulator, fau
     client = client_for(router)
     client.list_rules()  # a pooled, reused connection
     getattr(router, fault)("/ip/firewall/nat/add")
-    rule_id = client.add_rule(spec(7000))
+    ref = client.add_rule(spec(7000))
     rules = router.state.nat.rows()
-    assert len(rules) == 1 and rules[0][".id"] == rule_id
+    assert len(rules) == 1 and rules[0][".id"] == ref.rule_id
 
 
 def test_fatal_discards_the_connection(router: RouterOsEmulator) -> None:
@@ -147,11 +154,12 @@ def test_router_down_then_back(router: RouterOsEmulator) -> None:
 
 
 def test_route_check_and_identity(router: RouterOsEmulator) -> None:
-    router.state.routes.set("10.2.0.1/32", interface="wg-proton", nexthop="10.2.0.1")
-    router.state.routes.set_no_route("10.9.9.9")
+    router.state.add_route("10.2.0.1/32", "wg-proton")
+    router.state.add_route("10.9.9.9/32", blackhole=True)
     client = client_for(router)
-    assert client.route_interface("10.2.0.1") == "wg-proton"
-    assert client.route_interface("10.9.9.9") is None
+    [found] = client.route_check("10.2.0.1")
+    assert (found["status"], found["interface"]) == ("ok", "wg-proton")
+    assert "interface" not in client.route_check("10.9.9.9")[0]
     assert client.identity() == "MikroTik"
     checks = router.sent("/ip/route/check")
     assert len(checks) == 2

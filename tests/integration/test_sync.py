@@ -45,14 +45,15 @@ def test_starts_with_the_router_down_and_recovers_without_restart(make_lab: Make
 def test_no_route_to_the_gateway_means_no_rules_until_there_is_one(make_lab: MakeLab) -> None:
     lab = make_lab()
     gateway_ip = lab.gateway.address[0]
-    lab.router.state.routes.set_no_route(f"{gateway_ip}/32")
+    # A blackhole route in front of the tunnel's: the router has no way to the gateway.
+    hole = lab.router.state.add_route(f"{gateway_ip}/32", blackhole=True, distance=0)
     with pytest.raises(NoInterface):
         lab.daemon.reconciler.run_once()
     lab.router.reset_counters()
     with probe(lab.daemon.address) as client:
         assert client.tcp(6881, 6881).result == Result.NETWORK_FAILURE
         assert lab.router.writes() == 0 and lab.rules() == []
-        lab.router.state.routes.set(f"{gateway_ip}/32", interface=VPN_INTERFACE)
+        lab.router.state.remove_route(hole)
         eventually(lambda: client.tcp(6881, 6881).result == Result.SUCCESS)
     [rule] = lab.rules()
     assert rule["in-interface"] == VPN_INTERFACE  # never the LAN bridge
@@ -131,8 +132,11 @@ def test_reconciliation_restores_removes_and_follows_the_interface(make_lab: Mak
             "comment": "web server",
         }
     )
-    lab.router.state.interfaces.add("wg-backup")
-    lab.router.state.routes.set(f"{lab.gateway.address[0]}/32", interface="wg-backup")
+    # The admin moves the gateway's route onto another tunnel.
+    state = lab.router.state
+    state.add_interface("wg-backup", "wg")
+    [route] = state.routing.find_routes(f"{lab.gateway.address[0]}/32")
+    state.set_route(route, gateway="wg-backup")
     report = lab.daemon.reconciler.run_once()
     assert (report.restored, report.removed, report.retargeted) == (1, 1, 1)
     assert {r["in-interface"] for r in lab.rules()} == {"wg-backup"}

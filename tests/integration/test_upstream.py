@@ -133,3 +133,42 @@ def test_a_public_address_change_resets_the_epoch(make_lab: MakeLab) -> None:
     assert after.address == IPv4Address("11.22.33.55")
     assert after.epoch < before.epoch
     assert lab.daemon.upstream.generation == 1
+
+
+def test_a_late_reply_to_a_timed_out_delete_is_not_the_next_requests_answer() -> None:
+    """A delete that timed out may still be answered; that answer must not be taken for
+    the reply to the next request on the same protocol and port (issue 12)."""
+    from doublenat.protocol.natpmp import MapReply, MapRequest, pack_reply, parse_request
+
+    server = gevent.socket.socket(gevent.socket.AF_INET, gevent.socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    client = NatPmpClient(Endpoint(*server.getsockname()), budget=0.6)
+    client.start()
+    late: list[tuple[bytes, tuple[str, int]]] = []
+
+    def serve() -> None:
+        while True:
+            data, source = server.recvfrom(64)
+            request = parse_request(data)
+            assert isinstance(request, MapRequest)
+            if request.lifetime == 0:
+                late.append((data, source))  # never answered in time
+                continue
+            if late:  # answer the old delete first, then the request itself
+                server.sendto(pack_reply(MapReply(Proto.TCP, 100, Result.SUCCESS, 40005, 0, 0)),
+                              source)
+                late.clear()
+            server.sendto(pack_reply(MapReply(Proto.TCP, 100, Result.SUCCESS, 40005, 41005,
+                                              60)), source)
+
+    server_greenlet = gevent.spawn(serve)
+    try:
+        with pytest.raises(GatewayError):
+            client.map(Proto.TCP, 40005, 0, 0)
+        answer = client.map(Proto.TCP, 40005, 40005, 60)
+        assert (answer.external_port, answer.lifetime) == (41005, 60)
+        assert client.ignored >= 1
+    finally:
+        server_greenlet.kill()
+        client.close()
+        server.close()

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import gevent
 import pytest
 
+from doublenat.lab.dynamics import ProtonDynamics
 from doublenat.lab.gateway import (
     GatewayEmulator,
     GatewayMapping,
@@ -712,3 +716,346 @@ def test_natpmpc_rfc_refuses_internal_port_zero(natpmpc: str, start_gateway: Sta
     done = run_natpmpc(natpmpc, "-a", "1", "0", "udp", "60")
     assert done.returncode == 1
     assert "not authorized" in done.stdout + done.stderr
+
+
+# ------------------------------------------------- a VPN that moves (issue 13)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        gevent.sleep(0.001)
+
+
+def assert_unanswered(gateway: GatewayEmulator, probe: Probe, request: MapRequest |
+                      AddressRequest) -> None:
+    """The gateway saw `request` and chose silence (no waiting out a timeout)."""
+    before = gateway.requests_by_kind[RequestKind.SILENCED]
+    probe.send(pack_request(request))
+    wait_until(lambda: gateway.requests_by_kind[RequestKind.SILENCED] > before)
+    assert probe.receive(timeout=0.01) is None
+
+
+def test_short_leases_per_emulator_and_at_run_time(
+    start_gateway: StartGateway, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    gateway = start_gateway(profile="proton", max_lifetime=2)
+    probe = make_probe(gateway)
+    first = probe.map(UDP, 0, 0, 60)
+    assert first.lifetime == 2
+    clock.advance(2)
+    assert gateway.mappings() == []
+    gateway.set_max_lifetime(30)
+    assert probe.map(UDP, 0, 0, 60).lifetime == 30
+    with pytest.raises(ValueError):
+        gateway.set_max_lifetime(0)
+
+
+def test_change_port_moves_one_mapping_to_a_chosen_port(
+    rfc: GatewayEmulator, make_probe: MakeProbe
+) -> None:
+    recorder = Recorder()
+    rfc.add_observer(recorder)
+    probe = make_probe(rfc)
+    probe.map(TCP, 7000, 0, 60)
+    probe.map(TCP, 7001, 0, 60)
+    rfc.change_port("127.0.0.1", TCP, 7000, to=40000)
+    # Only the chosen mapping, only at its renewal, and only once.
+    assert probe.map(TCP, 7001, 0, 60).external_port == 7001
+    assert probe.map(TCP, 7000, 7000, 60).external_port == 40000
+    assert probe.map(TCP, 7000, 7000, 60).external_port == 40000
+    assert recorder.kinds()[-1] == (MappingEvent.CHANGED, TCP, 7000, 40000)
+    assert rfc.moves == {("127.0.0.1", TCP, 7000): 1}
+    assert rfc.renewals == {("127.0.0.1", TCP, 7000): 2, ("127.0.0.1", TCP, 7001): 1}
+    with pytest.raises(KeyError):
+        rfc.change_port("127.0.0.1", UDP, 7000)
+    with pytest.raises(ValueError):
+        rfc.change_port("127.0.0.1", TCP, 7000, to=70000)
+
+
+def test_change_port_to_a_taken_port_takes_another(
+    rfc: GatewayEmulator, make_probe: MakeProbe
+) -> None:
+    alice, bob = make_probe(rfc, "127.0.0.1"), make_probe(rfc, "127.0.0.5")
+    alice.map(TCP, 7000, 0, 60)
+    bob.map(TCP, 8000, 0, 60)
+    rfc.change_port("127.0.0.1", TCP, 7000, to=8000)
+    moved = alice.map(TCP, 7000, 0, 60).external_port
+    assert moved not in (7000, 8000)
+
+
+def test_proton_change_port_moves_the_companion_too_unless_told(
+    proton: GatewayEmulator, make_probe: MakeProbe
+) -> None:
+    probe = make_probe(proton)
+    old = probe.map(UDP, 0, 0, 60).external_port
+    probe.map(TCP, 0, 0, 60)
+    proton.change_port("127.0.0.1", UDP, 0)
+    new = probe.map(UDP, 0, 0, 60).external_port
+    assert new != old and probe.map(TCP, 0, 0, 60).external_port == new
+    proton.change_port("127.0.0.1", TCP, 0, to=50000, companion=False)
+    assert probe.map(TCP, 0, 0, 60).external_port == 50000
+    assert probe.map(UDP, 0, 0, 60).external_port == new  # left where it was
+
+
+@pytest.mark.parametrize("profile", ["rfc", "proton"])
+def test_every_nth_renewal_moves(
+    start_gateway: StartGateway, make_probe: MakeProbe, clock: FakeClock, profile: str
+) -> None:
+    gateway = start_gateway(profile=profile)
+    gateway.move_every_renewals = 3
+    probe = make_probe(gateway)
+    ports = [probe.map(UDP, 6881, 6881, 60).external_port]
+    tcp = [probe.map(TCP, 6881, 6881, 60).external_port]
+    for _ in range(6):
+        clock.advance(45)
+        ports.append(probe.map(UDP, 6881, 6881, 60).external_port)
+        tcp.append(probe.map(TCP, 6881, 6881, 60).external_port)
+    # Create, then renewals 1..6: the 3rd and the 6th move.
+    assert ports[0] == ports[1] == ports[2] != ports[3] == ports[4] == ports[5] != ports[6]
+    assert gateway.renewals[("127.0.0.1", UDP, 6881)] == 6
+    assert gateway.moves[("127.0.0.1", UDP, 6881)] == 2
+    assert gateway.mapping("127.0.0.1", UDP, 6881).renewals == 6  # type: ignore[union-attr]
+    if profile == "proton":
+        assert tcp == ports  # the companion follows: one port for both protocols
+
+
+def test_reconnect_loses_everything_at_once_and_shows_a_new_address(
+    proton: GatewayEmulator, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    recorder = Recorder()
+    seen_inside: list[tuple[IPv4Address, int, int]] = []
+
+    def look(event: MappingEvent, mapping: GatewayMapping) -> None:
+        # Observers are told once the change is whole: new address, epoch, empty table.
+        seen_inside.append((proton.public_address, proton.epoch, len(proton._table)))
+
+    proton.add_observer(recorder)
+    probe = make_probe(proton)
+    old = probe.map(UDP, 0, 0, 60).external_port
+    probe.map(TCP, 0, 0, 60)
+    probe.map(UDP, 5000, 0, 60)
+    clock.advance(30)
+    proton.add_observer(look)
+    address = proton.reconnect("198.51.100.9")
+    assert address == IPv4Address("198.51.100.9")
+    assert seen_inside == [(address, 0, 0)] * 3
+    assert [k[0] for k in recorder.kinds()[-3:]] == [MappingEvent.DELETED] * 3
+    assert proton.mappings() == []
+    clock.advance(2)
+    assert probe.address() == AddressReply(2, Result.SUCCESS, address)
+    reply = probe.map(UDP, 0, old, 60)
+    assert reply.epoch == 2 and reply.external_port != 0
+    assert proton.transcript[-1].kind is RequestKind.CREATE
+    change = proton.history[-1]
+    assert (change.kind, change.public_address, change.epoch, change.mappings) == (
+        "reconnect", address, 0, 3)
+    assert change.time == 1030.0
+
+
+def test_reconnect_defaults_epoch_and_downtime(
+    rfc: GatewayEmulator, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    probe = make_probe(rfc)
+    probe.map(TCP, 6881, 0, 60)
+    first = rfc.reconnect()
+    second = rfc.reconnect(epoch=4_000_000, downtime=5)
+    assert len({PUBLIC, first, second}) == 3  # never an address served before
+    assert rfc.silent
+    assert_unanswered(rfc, probe, AddressRequest())
+    clock.advance(5)
+    assert not rfc.silent
+    assert probe.address() == AddressReply(4_000_005, Result.SUCCESS, second)
+    assert [c.kind for c in rfc.history] == ["initial", "reconnect", "reconnect"]
+    assert rfc.history[-1].until == 1005.0
+
+
+def test_silence_for_keeps_state_unlike_a_reconnect(
+    proton: GatewayEmulator, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    probe = make_probe(proton)
+    port = probe.map(UDP, 0, 0, 60).external_port
+    clock.advance(10)
+    assert proton.silence_for(20) == 1030.0
+    assert proton.silent
+    assert_unanswered(proton, probe, AddressRequest())
+    assert_unanswered(proton, probe, MapRequest(UDP, 0, 0, 60))
+    clock.advance(19.5)
+    assert_unanswered(proton, probe, AddressRequest())
+    clock.advance(0.5)
+    # Back with everything intact: same address, the epoch kept counting, the same port.
+    assert probe.address() == AddressReply(30, Result.SUCCESS, PUBLIC)
+    assert probe.map(UDP, 0, 0, 60).external_port == port
+    assert proton.transcript[-1].kind is RequestKind.RENEW
+    assert [c.kind for c in proton.history] == ["initial", "silence"]
+
+
+def test_leases_still_run_out_during_a_long_silence(
+    proton: GatewayEmulator, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    recorder = Recorder()
+    proton.add_observer(recorder)
+    probe = make_probe(proton)
+    probe.map(UDP, 0, 0, 60)
+    proton.silence_for(120)
+    clock.advance(120)
+    assert probe.address().epoch == 120
+    assert proton.mappings() == []
+    assert recorder.kinds()[-1][0] is MappingEvent.EXPIRED
+    proton.silence_for(10)
+    proton.clear_faults()
+    assert not proton.silent
+
+
+def test_history_records_address_epoch_and_what_happened(
+    rfc: GatewayEmulator, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    make_probe(rfc).map(TCP, 1, 0, 60)
+    clock.advance(7)
+    rfc.set_public_address("198.51.100.1")
+    clock.advance(1)
+    rfc.change_ports()
+    rfc.restart(epoch=3)
+    clock.advance(2)
+    rfc.silence_for(1)
+    assert [(c.time, c.kind, str(c.public_address), c.epoch, c.mappings) for c in rfc.history] == [
+        (1000.0, "initial", "11.22.33.44", 0, 0),
+        (1007.0, "address", "198.51.100.1", 7, 0),
+        (1008.0, "move", "198.51.100.1", 8, 1),
+        (1008.0, "restart", "198.51.100.1", 3, 1),
+        (1010.0, "silence", "198.51.100.1", 5, 0),
+    ]
+
+
+def test_delivery_port_follows_the_profile(
+    rfc: GatewayEmulator, proton: GatewayEmulator
+) -> None:
+    mapping = GatewayMapping("10.2.0.2", TCP, 6881, 45000, 60, 0.0)
+    assert (rfc.delivery, rfc.delivery_port(mapping)) == ("internal", 6881)
+    assert (proton.delivery, proton.delivery_port(mapping)) == ("external", 45000)
+
+
+def run_proton_loop(
+    start_gateway: StartGateway,
+    make_probe: MakeProbe,
+    clock: FakeClock,
+    dynamics: ProtonDynamics,
+    rounds: int,
+) -> tuple[GatewayEmulator, list[tuple[float, int, int, int, IPv4Address, str]]]:
+    """Proton's documented loop (UDP then TCP, internal port 0, every 45 s) against a
+    gateway playing `dynamics`; one line per round: time, UDP port, TCP port, epoch,
+    address, what the gateway did with the UDP request."""
+    gateway = start_gateway(profile="proton", dynamics=dynamics, rng=random.Random(13),
+                            clock=clock)
+    probe = make_probe(gateway)
+    story = []
+    for _ in range(rounds):
+        address = probe.address()
+        udp = probe.map(UDP, 0, 0, 60)
+        kind = gateway.transcript[-1].kind
+        tcp = probe.map(TCP, 0, 0, 60)
+        story.append((clock.now, udp.external_port, tcp.external_port, udp.epoch,
+                      address.address, str(kind)))
+        clock.advance(45)
+    return gateway, story
+
+
+def test_ten_minutes_of_proton(
+    start_gateway: StartGateway, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    dynamics = ProtonDynamics(move_every=100, reconnect_every=260, jitter=0.3, seed=11,
+                              reconnect_epochs=(0, 500))
+    start = clock.now
+    gateway, story = run_proton_loop(start_gateway, make_probe, clock, dynamics, rounds=14)
+    schedule = dynamics.timeline(start, story[-1][0], PUBLIC)
+    assert {h.kind for h in schedule} == {"move", "reconnect"}, schedule
+    previous_time, previous_port, address = start - 1, 0, PUBLIC
+    for when, udp, tcp, epoch, seen, kind in story:
+        assert udp == tcp  # one port for both protocols, always
+        due = [h for h in schedule if previous_time < h.time <= when]
+        reconnects = [h for h in due if h.kind == "reconnect"]
+        if reconnects:
+            last = reconnects[-1]
+            address = last.address  # type: ignore[assignment]
+            assert kind == "create"
+            assert epoch == int(when - last.time) + last.epoch
+        elif previous_port == 0:
+            assert kind == "create"
+        elif any(h.kind == "move" for h in due):
+            assert kind == "renew" and udp != previous_port
+        else:
+            assert kind == "renew" and udp == previous_port
+        assert seen == address
+        previous_time, previous_port = when, udp
+    assert [c.kind for c in gateway.history if c.kind != "initial"] == [h.kind for h in schedule]
+
+
+def test_proton_dynamics_replay_exactly(
+    start_gateway: StartGateway, make_probe: MakeProbe
+) -> None:
+    dynamics = ProtonDynamics(move_every=70, reconnect_every=200, jitter=0.5, seed=2,
+                              reconnect_epochs=(0, 5_000_000))
+    stories = []
+    for _ in range(2):
+        clock = FakeClock()
+        gateway, story = run_proton_loop(start_gateway, make_probe, clock, dynamics, 14)
+        stories.append(story)
+        gateway.stop()
+    assert stories[0] == stories[1]
+    assert len({line[1] for line in stories[0]}) > 3  # the port did move around
+
+
+def test_dynamics_can_be_switched_off(
+    proton: GatewayEmulator, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    proton.set_dynamics(ProtonDynamics(reconnect_every=10))
+    probe = make_probe(proton)
+    clock.advance(10)
+    assert probe.address().address != PUBLIC
+    proton.set_dynamics(None)
+    address = proton.public_address
+    clock.advance(100)
+    assert probe.address().address == address
+
+
+def test_standalone_gateway_options(tmp_path: Path) -> None:
+    # The separate-process emulator takes the short lease and the moving schedule too.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "doublenat.lab.standalone", "--gateway", "127.0.0.1:0",
+         "--profile", "proton", "--max-lifetime", "5", "--move-every", "0.02",
+         "--dynamics-seed", "3"],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, (tmp_path / "stderr").read_text()
+        host, _, port = json.loads(line)["gateway"].rpartition(":")
+        probe = Probe((host, int(port)))
+        try:
+            first = probe.map(UDP, 0, 0, 60)
+            assert first.lifetime == 5
+            deadline = time.monotonic() + 5
+            while probe.map(UDP, 0, 0, 60).external_port == first.external_port:
+                assert time.monotonic() < deadline, "the port never moved"
+                gevent.sleep(0.005)
+        finally:
+            probe.close()
+    finally:
+        process.terminate()
+        process.wait(5)
+
+
+def test_a_move_with_a_new_address_keeps_the_mappings(
+    proton: GatewayEmulator, make_probe: MakeProbe, clock: FakeClock
+) -> None:
+    proton.set_dynamics(ProtonDynamics(move_every=50, moves_change_address=True))
+    probe = make_probe(proton)
+    port = probe.map(UDP, 0, 0, 60).external_port
+    clock.advance(50)
+    moved = probe.map(UDP, 0, 0, 60)
+    assert proton.transcript[-1].kind is RequestKind.RENEW
+    assert moved.external_port != port and moved.epoch == 50  # no reboot
+    assert probe.address().address not in (PUBLIC, None)
+    assert [c.kind for c in proton.history] == ["initial", "address", "move"]

@@ -280,14 +280,15 @@ def test_table_defaults_ids_and_order() -> None:
 
 
 def test_table_refusals() -> None:
-    state = RouterState(interfaces={"ether1"})
+    state = RouterState(setup="bare")
+    state.add_interface("ether1")
     with pytest.raises(UnknownParameterError, match="unknown parameter frobnicate"):
         state.nat.add(dstnat(1), frobnicate="1")
     with pytest.raises(UnknownParameterError):
         state.nat.add(dstnat(1), bytes="5")  # read-only through the API
     with pytest.raises(RouterError, match="input does not match any value of in-interface"):
         state.nat.add(dstnat(1, **{"in-interface": "wg-proton"}))
-    state.interfaces.add("wg-proton")
+    state.add_interface("wg-proton", "wg")
     state.nat.add(dstnat(1, **{"in-interface": "wg-proton"}))
     with pytest.raises(RouterError, match="input does not match any value of disabled"):
         state.nat.add(dstnat(2), disabled="maybe")
@@ -346,7 +347,8 @@ def test_observers_see_api_and_admin_changes() -> None:
     assert len(state.nat) == 0
 
 
-def test_route_oracle_longest_prefix() -> None:
+def test_legacy_route_api_on_the_routing_model() -> None:
+    """The older `state.routes` calls still work, as routes in the model."""
     state = RouterState()
     assert state.routes.check("8.8.8.8") == RouteCheck("ok", "ether1", "192.0.2.1")
     state.routes.set("10.2.0.0/16", interface="wg-proton", nexthop="10.2.0.1")
@@ -355,6 +357,11 @@ def test_route_oracle_longest_prefix() -> None:
     assert state.routes.check("10.2.0.1").interface == "wg-proton"
     assert state.routes.check("10.2.3.4").nexthop == "10.2.0.1"
     assert state.routes.check("10.9.1.1") == NO_ROUTE
+    # Setting a destination again replaces the route set before.
+    state.routes.set("10.2.0.0/16", interface="ether1")
+    assert state.routes.check("10.2.3.4").interface == "ether1"
+    state.interfaces.add("wg-backup")
+    assert state.interface_type("wg-backup") == "wg"
     state.routes.clear()
     assert state.routes.check("8.8.8.8") == NO_ROUTE
 
@@ -379,7 +386,7 @@ def test_small_parsers() -> None:
 
 
 def test_profiles() -> None:
-    modern = Profile.for_version("7.18")
+    modern = Profile.named("7.18")
     assert modern.empty_sentence and not modern.challenge_login and modern.named_unknown_parameter
     assert not Profile.for_version("7.16").empty_sentence
     legacy = Profile.for_version("6.42.1")
@@ -439,7 +446,14 @@ def test_close_after_failed_login(raw: Raw) -> None:
 
 
 def test_commands_before_login(raw: Raw) -> None:
+    # Recorded: a bare `!fatal` reason, then the router closes. That is the default.
     with RouterOsEmulator(users={USER: PASSWORD}) as emu:
+        client = raw(emu, login=False)
+        client.send("/ip/firewall/nat/print", ".tag=a")
+        assert client.read() == ("!fatal", "not logged in")
+        assert client.closed_by_peer()
+    # The older guess stays available as an option.
+    with RouterOsEmulator(users={USER: PASSWORD}, before_login="trap") as emu:
         client = raw(emu, login=False)
         assert client.call("/ip/firewall/nat/print", ".tag=a") == [
             ("!trap", "=message=not logged in", ".tag=a"),
@@ -447,11 +461,6 @@ def test_commands_before_login(raw: Raw) -> None:
         ]
         client.login()
         assert client.call("/system/identity/print") == [("!re", "=name=MikroTik"), ("!done",)]
-    with RouterOsEmulator(users={USER: PASSWORD}, before_login="fatal") as emu:
-        client = raw(emu, login=False)
-        client.send("/ip/firewall/nat/print", ".tag=a")
-        assert client.read() == ("!fatal", "not logged in")
-        assert client.closed_by_peer()
 
 
 def test_add_print_set_remove(emulator: RouterOsEmulator, connect: Connect) -> None:
@@ -560,8 +569,8 @@ def test_refusals_through_the_client(emulator: RouterOsEmulator, connect: Connec
             call()
         return caught.value.original_message
 
-    assert error(lambda: nat.remove(id="*7")) == b"no such item"
-    assert error(lambda: nat.set(id="*7", comment="x")) == b"no such item"
+    assert error(lambda: nat.remove(id="*7")) == b"no such item (4)"
+    assert error(lambda: nat.set(id="*7", comment="x")) == b"no such item (4)"
     assert error(lambda: nat.add(**kw(dstnat(1)), colour="red")) == b"unknown parameter colour"
     assert (
         error(lambda: nat.add(**kw(dstnat(1, **{"in-interface": "ether9"}))))
@@ -714,14 +723,19 @@ def test_identity_and_resource(emulator: RouterOsEmulator, connect: Connect) -> 
     assert emulator.state.identity == "edge"
     resource = api.get_resource("/system/resource").get()
     assert len(resource) == 1
-    assert resource[0]["version"] == "7.18 (stable)"
+    assert resource[0]["version"] == "7.21.4 (stable)"
     assert resource[0]["board-name"] == "CHR"
     assert "id" not in resource[0]
-    assert resource[0]["uptime"].endswith("s")
+    assert resource[0]["uptime"].startswith("1d")  # the emulated router has been up a day
     emulator.state.resource["cpu-load"] = "77"
     assert api.get_resource("/system/resource").get()[0]["cpu-load"] == "77"
     interfaces = api.get_resource("/interface").get()
-    assert [i["name"] for i in interfaces] == ["bridge", "ether1", "wg-proton"]
+    # Interfaces print in the order they were made, as RouterOS lists them by id.
+    assert [(i["name"], i["type"]) for i in interfaces] == [
+        ("ether1", "ether"),
+        ("bridge", "bridge"),
+        ("wg-proton", "wg"),
+    ]
 
 
 def test_observer_hears_api_changes(emulator: RouterOsEmulator, connect: Connect) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 import doublenat
-from doublenat.cli import SETTINGS
+from doublenat.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
-from doublenat.cli import SETTINGS, cli
+from doublenat.cli import cli
 from doublenat.lab.gateway import GatewayEmulator
 from doublenat.lab.routeros import RouterOsEmulator
+from doublenat.settings import SETTINGS
 from doublenat.tools.commands import register
 from tests.clirunner import cli_runner
 from tests.pki import make_pki

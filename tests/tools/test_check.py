@@ -33,7 +33,10 @@ def test_all_pass(invoke: Invoke, env: dict[str, str], router: RouterOsEmulator)
     assert all(line.startswith("✓ ") for line in found), result.output
     assert line_of(result.stdout, "router reachable") == \
         "✓ router reachable ({}:{})".format(*router.address)
-    assert f"({VPN_INTERFACE}, from the route toward" in line_of(result.stdout, "VPN interface")
+    assert line_of(result.stdout, "VPN interface").startswith(
+        f"✓ VPN interface is a tunnel ({VPN_INTERFACE}, a tunnel, found by route check")
+    assert line_of(result.stdout, "RouterOS version").startswith("✓ RouterOS version (7.")
+    assert "on CHR; the VPN interface is found from" in line_of(result.stdout, "RouterOS")
     assert "11.22.33.44" in line_of(result.stdout, "VPN gateway")
     assert result.stdout.rstrip().endswith("all checks passed")
     assert len(router.state.nat) == 0  # the write check left nothing behind
@@ -74,7 +77,7 @@ def test_wrong_password(invoke: Invoke, env: dict[str, str]) -> None:
     login = line_of(result.stdout, "login ok")
     assert login.startswith("✗ login ok — invalid user name or password (6); hint: check "
                             "MIKROTIK_API_USER")
-    for title in ("API user can read", "API user can run", "VPN interface",
+    for title in ("RouterOS version", "API user can read", "route toward", "VPN interface",
                   "API user can write"):
         assert line_of(result.stdout, title).endswith("skipped: no login")
     # The checks that do not need the router still run.
@@ -127,10 +130,12 @@ def test_no_route_toward_gateway(
     router.state.routes.set_no_route(f"{gateway.address[0]}/32")
     result = invoke(["check"], env)
     assert result.exit_code == 1
-    assert line_of(result.stdout, "API user can run /ip/route/check").startswith("✓")
-    line = line_of(result.stdout, "VPN interface detected")
-    assert line.startswith("✗ VPN interface detected — the router has no route toward "
+    line = line_of(result.stdout, "route toward the VPN gateway")
+    assert line.startswith("✗ route toward the VPN gateway — no active route toward "
                            "VPN_GATEWAY")
+    assert "/ip route add dst-address=" in line
+    assert line_of(result.stdout, "VPN interface").endswith("skipped: no route toward the "
+                                                            "gateway")
     # The write check still runs (without an interface) and still passes.
     assert line_of(result.stdout, "API user can write").startswith("✓")
     assert len(router.state.nat) == 0
@@ -155,7 +160,9 @@ def test_configured_interface_present(
     result = invoke(["check"], {**env, "MIKROTIK_IN_INTERFACE": "wg1"})
     assert result.exit_code == 0, result.output
     line = line_of(result.stdout, "VPN interface exists")
-    assert line.startswith("✓ VPN interface exists (wg1, configured; note: the route toward")
+    assert line.startswith("✓ VPN interface exists (wg1 (type wg), configured: trusted")
+    assert line_of(result.stdout, "route toward").endswith("(not needed: "
+                                                           "MIKROTIK_IN_INTERFACE is set)")
     assert router.sent("/ip/firewall/nat/add")[0].words.count("=in-interface=wg1") == 1
 
 
@@ -178,9 +185,9 @@ def test_permission_trap_on_route_check(
     router.trap("not enough permissions (9)", "/ip/route/check")
     result = invoke(["check"], env)
     assert result.exit_code == 1
-    line = line_of(result.stdout, "API user can run /ip/route/check")
-    assert line.startswith("✗") and "'test' policy" in line and "read,write,test,api" in line
-    assert line_of(result.stdout, "VPN interface detected").startswith("- ")
+    line = line_of(result.stdout, "route toward the VPN gateway")
+    assert line.startswith("✗") and "'read' policy" in line and "read,write,test,api" in line
+    assert line_of(result.stdout, "VPN interface").startswith("- ")
 
 
 def test_router_lost_midway(
@@ -191,7 +198,7 @@ def test_router_lost_midway(
     assert result.exit_code == 1
     assert line_of(result.stdout, "login ok").startswith("✓")
     assert line_of(result.stdout, "API user can read").startswith("✗")
-    for title in ("API user can run", "VPN interface detected", "API user can write"):
+    for title in ("route toward", "VPN interface", "API user can write"):
         assert line_of(result.stdout, title).endswith("skipped: the router stopped answering")
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from doublenat.cli import cli
-from doublenat.engine.contracts import NatRule
+from doublenat.engine.contracts import NatRule, NoSuchItem
 from doublenat.lab.routeros import RouterOsEmulator
 from doublenat.lab.run import Lab, LabConfig
 from doublenat.protocol.natpmp import MapReply, MapRequest, Proto, Result, pack_request, parse_reply
@@ -214,8 +214,8 @@ def test_cleanup_rule_already_gone(router: RouterOsEmulator) -> None:
     from doublenat.tools.rules import Outcome, cleanup
 
     class Gone:
-        def remove_rule(self, rule_id: str) -> bool:
-            return False
+        def remove_rule(self, ref: object) -> None:
+            raise NoSuchItem("no such item (4)")
 
     rules = owned_rules([NatRule("*9", "tcp", VPN_INTERFACE, "40001", "192.168.88.20",
                                  "51413", OWNED[0][4])])

@@ -1,17 +1,14 @@
 """A RouterOS API emulator: wire format, `print` queries, router state, server with faults.
 
-Where no real transcript was found, its wording is a guess, kept plausible: `missing
-value(s) of argument(s) <x>`, `invalid value for argument <x>`, `invalid internal item
-number`, `input does not match any value of <x>` for bad booleans and choices, the route
-check's no-route answer (`status=unreachable`, no interface), `unknown query operation`,
-`/cancel` of an unknown tag answering only `!done`, and `count-only` sending no `!empty`.
-Not emulated: `/ip/route/print`, `listen`, `move`, out-of-order replies to pipelined
-commands. Duplicate NAT rules are accepted, as on a real router.
+Version profiles (`Profile`, `PROFILES`) decide what differs between releases; the routing
+model (`Routing`, reached through `RouterState`) derives active routes, `immediate-gw`
+and route-check answers from interfaces, addresses and routes. NOTES.md beside this file
+lists every behaviour with its source, or says GUESS.
 """
 
-from doublenat.lab.routeros.commands import Command, Outcome, Router
+from doublenat.lab.routeros.commands import NO_PERMISSION, Command, Outcome, Router
 from doublenat.lab.routeros.faults import Fault, FaultKind, FaultPlan, FaultSpec, Match
-from doublenat.lab.routeros.profile import Profile
+from doublenat.lab.routeros.profile import CURRENT, LAB_VERSIONS, PROFILES, Profile
 from doublenat.lab.routeros.query import Query, QueryError
 from doublenat.lab.routeros.recorder import (
     READ_COMMANDS,
@@ -19,28 +16,43 @@ from doublenat.lab.routeros.recorder import (
     Counters,
     TranscriptEntry,
 )
+from doublenat.lab.routeros.routing import (
+    MAIN,
+    NO_ROUTE,
+    PSEUDO_INTERFACES,
+    RouteCheck,
+    Routing,
+    RoutingError,
+)
 from doublenat.lab.routeros.server import ConnectionInfo, RouterOsEmulator
 from doublenat.lab.routeros.state import (
-    DEFAULT_INTERFACES,
+    GROUPS,
     NAT_SCHEMA,
-    NO_ROUTE,
+    POLICIES,
     Column,
     Kind,
     NoSuchItemError,
-    RouteCheck,
-    RouteOracle,
     RouterError,
     RouterState,
     Schema,
     Table,
     UnknownParameterError,
+    User,
 )
+from doublenat.lab.routeros.tls import anonymous_dh_client_context, anonymous_dh_context
 from doublenat.lab.routeros.wire import ProtocolError, SentenceReader
 
 __all__ = [
-    "DEFAULT_INTERFACES",
+    "CURRENT",
+    "GROUPS",
+    "LAB_VERSIONS",
+    "MAIN",
     "NAT_SCHEMA",
+    "NO_PERMISSION",
     "NO_ROUTE",
+    "POLICIES",
+    "PROFILES",
+    "PSEUDO_INTERFACES",
     "READ_COMMANDS",
     "WRITE_COMMANDS",
     "Column",
@@ -60,14 +72,18 @@ __all__ = [
     "Query",
     "QueryError",
     "RouteCheck",
-    "RouteOracle",
     "Router",
     "RouterError",
     "RouterOsEmulator",
     "RouterState",
+    "Routing",
+    "RoutingError",
     "Schema",
     "SentenceReader",
     "Table",
     "TranscriptEntry",
     "UnknownParameterError",
+    "User",
+    "anonymous_dh_client_context",
+    "anonymous_dh_context",
 ]

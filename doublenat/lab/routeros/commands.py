@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from doublenat.lab.routeros.profile import Profile
 from doublenat.lab.routeros.query import Query, QueryError, parse_proplist, project
 from doublenat.lab.routeros.state import (
+    NoSuchItemError,
     RouterError,
     RouterState,
     Row,
     Table,
     UnknownParameterError,
+    User,
     split_ids,
 )
 from doublenat.lab.routeros.wire import Sentence
@@ -44,6 +46,9 @@ _PRINT_FLAGS = frozenset(
 _ROUTE_CHECK_ARGS = frozenset(
     ["dst-ip", "src-ip", "once", "interval", "duration", "as-value", "without-paging", ".proplist"]
 )
+# Verbs that change the configuration: they need the `write` policy; the rest need `read`.
+_WRITE_VERBS = frozenset(["add", "set", "remove", "unset", "enable", "disable", "move"])
+NO_PERMISSION = "not enough permissions (9)"
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)?")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
@@ -144,13 +149,20 @@ def _done(*sentences: Sentence) -> Outcome:
 
 
 class Router:
-    """Dispatches commands to menus; all answers follow the configured version profile."""
+    """Dispatches commands to menus; all answers follow the state's version profile."""
 
-    def __init__(self, state: RouterState, profile: Profile, route_check_interval: float) -> None:
+    def __init__(self, state: RouterState, route_check_interval: float) -> None:
         self.state = state
-        self.profile = profile
         self.route_check_interval = route_check_interval
         self._tree: tuple[object, dict[str, dict[str, Handler]], frozenset[str]] | None = None
+
+    @property
+    def profile(self) -> Profile:
+        return self.state.profile
+
+    @profile.setter
+    def profile(self, value: Profile) -> None:
+        self.state.profile = value
 
     def _menu_tree(self) -> tuple[dict[str, dict[str, Handler]], frozenset[str]]:
         """Menus and every directory on their paths, rebuilt when the profile or tables change."""
@@ -178,7 +190,11 @@ class Router:
             "disable": Router._table_disable,
         }
         menus: dict[str, dict[str, Handler]] = {path: table_verbs for path in self.state.tables}
-        menus["/ip/route"] = {"check": Router._route_check} if self.profile.route_check else {}
+        route: dict[str, Handler] = {"print": Router._route_print, "getall": Router._route_print}
+        if self.profile.route_check:
+            route["check"] = Router._route_check
+        menus["/ip/route"] = route
+        menus["/ip/address"] = {"print": Router._address_print, "getall": Router._address_print}
         menus["/system/identity"] = {
             "print": Router._identity_print,
             "getall": Router._identity_print,
@@ -191,7 +207,8 @@ class Router:
         menus["/interface"] = {"print": Router._interface_print, "getall": Router._interface_print}
         return menus
 
-    def execute(self, command: Command) -> Outcome:
+    def execute(self, command: Command, user: User | None = None) -> Outcome:
+        """Run one command; `user` (None: no policy checks) decides what it may do."""
         menus, directories = self._menu_tree()
         if not command.word.startswith("/"):
             return _done(trap("no such command prefix"))
@@ -207,6 +224,10 @@ class Router:
         handler = menus.get(command.menu, {}).get(command.verb)
         if handler is None:
             return _done(trap("no such command"))
+        if user is not None:
+            needed = "write" if command.verb in _WRITE_VERBS else "read"
+            if needed not in user.policies:
+                return _done(trap(NO_PERMISSION))
         try:
             if command.stray:
                 raise UnknownParameterError(command.stray[0])
@@ -214,6 +235,8 @@ class Router:
         except UnknownParameterError as exc:
             message = exc.message if self.profile.named_unknown_parameter else "unknown parameter"
             return _done(trap(message, exc.category))
+        except NoSuchItemError:
+            return _done(trap(self.profile.no_such_item))
         except RouterError as exc:
             return _done(trap(exc.message, exc.category))
 
@@ -254,7 +277,14 @@ class Router:
     def _without_ids(command: Command) -> dict[str, str]:
         return {k: v for k, v in command.attrs.items() if k not in (".id", "numbers")}
 
+    def _known_to_version(self, command: Command) -> None:
+        if command.menu == "/ip/firewall/nat":
+            for name in command.attrs:
+                if name in self.profile.nat_unknown:
+                    raise UnknownParameterError(name)
+
     def _table_add(self, command: Command) -> Outcome:
+        self._known_to_version(command)
         attrs = dict(command.attrs)
         place_before = attrs.pop("place-before", None) or None
         new_id = self._table(command).add(attrs, place_before=place_before)
@@ -264,6 +294,7 @@ class Router:
         return self._print(command, self._table(command).select)
 
     def _table_set(self, command: Command) -> Outcome:
+        self._known_to_version(command)
         self._table(command).set(self._ids(command), self._without_ids(command))
         return _done()
 
@@ -314,10 +345,10 @@ class Router:
                 except ValueError as exc:
                     raise RouterError(f"invalid value for argument {name}", 1) from exc
         proplist = parse_proplist(attrs[".proplist"]) if ".proplist" in attrs else None
-        oracle = self.state.routes
+        state = self.state
 
         def rows() -> list[Row]:
-            return [project(oracle.check(destination).render(), proplist)]
+            return [project(state.route_check(destination).render(), proplist)]
 
         if "once" in attrs:
             return _done(*(row_sentence("!re", r) for r in rows()))
@@ -349,22 +380,13 @@ class Router:
         return self._print(command, lambda q: q.select([self.state.resource_row()]))
 
     def _interface_print(self, command: Command) -> Outcome:
-        # Ids follow name order: the state keeps only a set of names.
-        rows = [
-            {
-                ".id": f"*{i:X}",
-                "name": name,
-                "type": _interface_type(name),
-                "running": "true",
-                "disabled": "false",
-            }
-            for i, name in enumerate(sorted(self.state.interfaces), start=1)
-        ]
+        rows = self.state.routing.interface_rows(self.profile)
         return self._print(command, lambda q: q.select(rows))
 
+    def _address_print(self, command: Command) -> Outcome:
+        rows = self.state.routing.address_rows(self.profile)
+        return self._print(command, lambda q: q.select(rows))
 
-def _interface_type(name: str) -> str:
-    for prefix, kind in (("wg", "wg"), ("bridge", "bridge"), ("vlan", "vlan"), ("ether", "ether")):
-        if name.startswith(prefix):
-            return kind
-    return "ether"
+    def _route_print(self, command: Command) -> Outcome:
+        rows = self.state.routing.route_rows(self.profile)
+        return self._print(command, lambda q: q.select(rows))

@@ -32,9 +32,10 @@ from gevent import ssl as gevent_ssl
 
 from doublenat.lab.routeros.commands import DONE, Command, Outcome, Router, Stream, trap
 from doublenat.lab.routeros.faults import Fault, FaultKind, FaultPlan, FaultSpec, Match
-from doublenat.lab.routeros.profile import Profile
+from doublenat.lab.routeros.profile import CURRENT, Profile
 from doublenat.lab.routeros.recorder import Counters, Recorder, TranscriptEntry
-from doublenat.lab.routeros.state import RouterState
+from doublenat.lab.routeros.state import RouterState, User
+from doublenat.lab.routeros.tls import anonymous_dh_context
 from doublenat.lab.routeros.wire import (
     ProtocolError,
     Sentence,
@@ -321,7 +322,9 @@ class _Session:
         if command.word == "/cancel":
             self._cancel(command, job)
             return None
-        return emu.router.execute(command)
+        # A user removed since logging in keeps the session but may do nothing.
+        user = emu.state.users.get(self.user) or User(self.user, "", frozenset())
+        return emu.router.execute(command, user)
 
     def _login(self, command: Command) -> Outcome:
         emu = self.emu
@@ -329,17 +332,21 @@ class _Session:
         name = command.attrs.get("name")
         password = command.attrs.get("password")
         response = command.attrs.get("response")
+        user = emu.state.users.get(name or "")
+        # GUESS: a user without the `api` policy is refused like a wrong password.
+        if user is not None and "api" not in user.policies:
+            user = None
         if response is not None:
             ok = (
                 profile.challenge_login
                 and self._challenge is not None
-                and name in emu.users
-                and response == self._expected_response(emu.users[name], self._challenge)
+                and user is not None
+                and response == self._expected_response(user.password, self._challenge)
             )
             self._challenge = None
             failure = LOGIN_FAILED if profile.plaintext_login else LEGACY_LOGIN_FAILED
         elif password is not None and profile.plaintext_login:
-            ok = name in emu.users and emu.users[name] == password
+            ok = user is not None and user.password == password
             failure = LOGIN_FAILED
         else:
             # A bare /login (or any /login on a pre-6.43 router) is answered with a challenge;
@@ -398,9 +405,13 @@ def _attr_words(row: Mapping[str, str]) -> list[str]:
 class RouterOsEmulator:
     """A RouterOS API server (plain, plus TLS when given a context) on 127.0.0.1.
 
-    `users` maps user names to passwords. `profile` is a version ("7.18", "7.16", "6.49",
-    "6.42") or a `Profile`. `latency` (seconds) holds back every reply. `before_login` picks
-    the answer to commands sent before logging in: a "not logged in" trap or a `!fatal`.
+    `users` maps user names to passwords (each gets the full group; `add_user` sets
+    policies). `profile` is a version ("6.49", "7.16", "7.21", any other) or a `Profile`;
+    None keeps the given state's, else the current 7.x. `latency` (seconds) holds back
+    every reply. `before_login` picks the answer to commands sent before logging in:
+    `!fatal not logged in` (recorded) or a "not logged in" trap. `ssl_context` adds an
+    api-ssl listener; "adh" makes it offer only anonymous DH, as api-ssl does without a
+    certificate.
     """
 
     def __init__(
@@ -409,23 +420,31 @@ class RouterOsEmulator:
         port: int = 0,
         *,
         users: Mapping[str, str] | None = None,
-        profile: str | Profile = "7.18",
+        profile: str | Profile | None = None,
         state: RouterState | None = None,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | Literal["adh"] | None = None,
         tls_port: int = 0,
         latency: float = 0.0,
         close_after_failed_login: bool = False,
-        before_login: BeforeLogin = "trap",
+        before_login: BeforeLogin = "fatal",
         max_sessions: int | None = None,
         route_check_interval: float = 1.0,
         transcript_limit: int | None = 100_000,
         tls_handshake_timeout: float = 5.0,
     ) -> None:
-        resolved = profile if isinstance(profile, Profile) else Profile.for_version(profile)
+        if profile is None:
+            resolved = state.profile if state is not None else Profile.named(CURRENT)
+        else:
+            resolved = profile if isinstance(profile, Profile) else Profile.named(profile)
         self.host = host
-        self.users: dict[str, str] = dict(users if users is not None else {"admin": ""})
-        self.state = state if state is not None else RouterState(version=resolved.version)
-        self.router = Router(self.state, resolved, route_check_interval)
+        self.state = state if state is not None else RouterState(profile=resolved)
+        self.state.profile = resolved
+        if users is not None or not self.state.users:
+            for name, password in (users if users is not None else {"admin": ""}).items():
+                self.state.add_user(name, password)
+        self.router = Router(self.state, route_check_interval)
+        if ssl_context == "adh":
+            ssl_context = anonymous_dh_context()
         self.latency = latency
         self.close_after_failed_login = close_after_failed_login
         self.before_login: BeforeLogin = before_login
@@ -495,7 +514,16 @@ class RouterOsEmulator:
 
     @profile.setter
     def profile(self, value: str | Profile) -> None:
-        self.router.profile = value if isinstance(value, Profile) else Profile.for_version(value)
+        self.router.profile = value if isinstance(value, Profile) else Profile.named(value)
+
+    @property
+    def users(self) -> dict[str, str]:
+        """User names and passwords (a copy; `add_user` changes them)."""
+        return {name: user.password for name, user in self.state.users.items()}
+
+    def add_user(self, name: str, password: str = "", group: str | Iterable[str] = "full") -> None:
+        """Add or replace a user; `group` is full/read/write or policies (`api,read`)."""
+        self.state.add_user(name, password, group)
 
     # -- outages -----------------------------------------------------------------------
 
@@ -521,6 +549,18 @@ class RouterOsEmulator:
                 server.stop_accepting()
             else:
                 server.start_accepting()
+
+    def reboot(self, renumber: bool | Literal["compact"] = False, rst: bool = False) -> None:
+        """The router restarts: every session drops, uptime starts again, state stays.
+
+        `renumber=True` also gives every row a new `.id` (rows and order kept);
+        `"compact"` numbers them from *1 again, so an old id may name another row.
+        Whether a real reboot renumbers is not recorded (GUESS), so it is a switch.
+        """
+        self.drop_all_connections(rst)
+        self.state.reboot_clock()
+        if renumber:
+            self.state.renumber(compact=renumber == "compact")
 
     def drop_all_connections(self, rst: bool = False) -> None:
         """A router restart as the client sees it: every session ends, state stays."""

@@ -1,7 +1,7 @@
-"""What the emulated router knows: tables, interfaces, the route oracle, system singletons.
+"""What the emulated router knows: tables, users, the routing model, system singletons.
 
 Usable without the API, so a test can play the admin: seed rules, delete one behind the
-daemon's back, move an interface away, change where a destination is routed. Every change to
+daemon's back, take the tunnel down, change where a destination is routed. Every change to
 a table, from the API or from a test, is reported to that table's observers.
 
 All of it is touched from greenlets of one hub and nothing here yields, so it needs no locks.
@@ -17,14 +17,15 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from doublenat.lab.routeros.profile import CURRENT, Profile
 from doublenat.lab.routeros.query import BOOLEANS, Query
+from doublenat.lab.routeros.routing import MAIN, PSEUDO_INTERFACES, RouteCheck, Routing
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, str]
 Observer = Callable[[str, Row], None]
 
-DEFAULT_INTERFACES = frozenset({"ether1", "bridge", "wg-proton"})
 _ITEM_ID = re.compile(r"\*([0-9A-Fa-f]{1,8})\Z")
 _PORT_ITEM = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?\Z")
 
@@ -142,6 +143,7 @@ NAT_SCHEMA = Schema(
         Column("dst-address-list", negatable=True),
         Column("src-port", Kind.PORTS, negatable=True),
         Column("dst-port", Kind.PORTS, negatable=True),
+        Column("port", Kind.PORTS, negatable=True),
         Column("any-port", Kind.PORTS, negatable=True),
         Column("in-interface", Kind.INTERFACE, negatable=True),
         Column("out-interface", Kind.INTERFACE, negatable=True),
@@ -380,6 +382,24 @@ class Table:
         for row in rows:
             self._notify("remove", row)
 
+    def renumber(self, compact: bool = False) -> None:
+        """Give every row a new id, keeping rows and order (a reboot that renumbers).
+
+        New ids continue the counter, so no old id names a row any more; with `compact`
+        they start again at *1, so an old id may name *another* row (the dangerous case
+        for a client that trusts cached ids). Observers are not told: nothing about the
+        rules changed.
+        """
+        renumbered: dict[int, Row] = {}
+        if compact:
+            self._next = 1
+        for row in self._rows.values():
+            number = self._next
+            self._next += 1
+            row[".id"] = format_id(number)
+            renumbered[number] = row
+        self._rows = renumbered
+
     def clear(self) -> None:
         """Remove every row (observers hear each removal). Ids keep counting up."""
         rows = list(self._rows.values())
@@ -471,77 +491,42 @@ def _mismatch(column: Column) -> RouterError:
     return RouterError(f"input does not match any value of {column.name}", 1)
 
 
-# -- /ip/route/check -------------------------------------------------------------------
+
+# -- users -----------------------------------------------------------------------------
+
+# The policy names of /user/group (7.21.4 completions, tikoci/restraml deep-inspect.json).
+POLICIES = frozenset(
+    [
+        "api", "ftp", "local", "password", "policy", "read", "reboot", "rest-api", "romon",
+        "sensitive", "sniff", "ssh", "telnet", "test", "web", "winbox", "write",
+    ]
+)
+# RouterOS's default groups; which policies "read" and "write" hold is a GUESS after the
+# manual's description (read: everything that does not change the configuration).
+GROUPS: dict[str, frozenset[str]] = {
+    "full": POLICIES,
+    "write": POLICIES - {"policy"},
+    "read": POLICIES - {"write", "policy", "sensitive", "ftp"},
+}
 
 
-@dataclass(frozen=True)
-class RouteCheck:
-    """One answer of `/ip/route/check`; a missing interface means "no route"."""
-
-    status: str = "ok"
-    interface: str | None = None
-    nexthop: str | None = None
-
-    def render(self) -> Row:
-        row = {"status": self.status}
-        if self.interface is not None:
-            row["interface"] = self.interface
-        if self.nexthop is not None:
-            row["nexthop"] = self.nexthop
-        return row
+@dataclass
+class User:
+    name: str
+    password: str
+    policies: frozenset[str] = POLICIES
 
 
-# What a real router prints for an unroutable destination is undocumented; this is a guess
-# that keeps the one documented property of the answer (no interface).
-NO_ROUTE = RouteCheck(status="unreachable")
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class RouteOracle:
-    """Answers route checks by longest-prefix match over destinations set by the test."""
-
-    def __init__(self) -> None:
-        self._routes: dict[Network, RouteCheck] = {}
-        self.no_route: RouteCheck = NO_ROUTE
-
-    def set(
-        self,
-        destination: str,
-        *,
-        interface: str | None,
-        nexthop: str | None = None,
-        status: str = "ok",
-    ) -> None:
-        """Route `destination` (an address or a prefix) via `interface`."""
-        self._routes[ipaddress.ip_network(destination, strict=False)] = RouteCheck(
-            status, interface, nexthop
-        )
-
-    def set_answer(self, destination: str, answer: RouteCheck) -> None:
-        self._routes[ipaddress.ip_network(destination, strict=False)] = answer
-
-    def set_no_route(self, destination: str) -> None:
-        self._routes[ipaddress.ip_network(destination, strict=False)] = self.no_route
-
-    def remove(self, destination: str) -> None:
-        self._routes.pop(ipaddress.ip_network(destination, strict=False), None)
-
-    def clear(self) -> None:
-        self._routes.clear()
-
-    def entries(self) -> dict[str, RouteCheck]:
-        return {str(k): v for k, v in self._routes.items()}
-
-    def check(self, destination: str) -> RouteCheck:
-        address = ipaddress.ip_address(destination)
-        best: tuple[int, RouteCheck] | None = None
-        for network, answer in self._routes.items():
-            if network.version != address.version or address not in network:
-                continue
-            if best is None or network.prefixlen > best[0]:
-                best = (network.prefixlen, answer)
-        return best[1] if best else self.no_route
+def policies_of(group: str | Iterable[str]) -> frozenset[str]:
+    """A group name ("full", "read", "write") or an explicit policy list (`api,read,!write`)."""
+    if isinstance(group, str) and group in GROUPS:
+        return GROUPS[group]
+    names = group.split(",") if isinstance(group, str) else list(group)
+    wanted = {n.strip() for n in names if n.strip() and not n.strip().startswith("!")}
+    unknown = wanted - POLICIES
+    if unknown:
+        raise ValueError(f"unknown policy {sorted(unknown)[0]!r}")
+    return frozenset(wanted)
 
 
 # -- the whole router ------------------------------------------------------------------
@@ -560,11 +545,14 @@ def format_uptime(seconds: float) -> str:
     return "".join(parts)
 
 
-def default_resource(version: str) -> Row:
+def resource_row(profile: Profile, uptime: str) -> Row:
+    """`/system/resource/print` of a CHR on x86_64. Names: 7.21.4 `get value-name`
+    completions; values GUESS, shaped like recorded rows (NOTES.md)."""
     return {
-        "version": f"{version} (stable)",
-        "build-time": "2025-02-24 12:47:50",
-        "factory-software": "7.1",
+        "uptime": uptime,
+        "version": profile.version_text,
+        "build-time": profile.build_time,
+        "factory-software": profile.factory_software,
         "free-memory": "912785408",
         "total-memory": "1073741824",
         "cpu": "QEMU",
@@ -581,35 +569,259 @@ def default_resource(version: str) -> Row:
     }
 
 
+# Types the compatibility view guesses from a bare name.
+_TYPE_BY_PREFIX = (
+    ("wg", "wg"), ("bridge", "bridge"), ("vlan", "vlan"), ("pppoe-out", "pppoe-out"),
+    ("ovpn-out", "ovpn-out"), ("l2tp-out", "l2tp-out"), ("sstp-out", "sstp-out"),
+    ("pptp-out", "pptp-out"), ("gre", "gre-tunnel"), ("ipip", "ipip-tunnel"),
+    ("eoip", "eoip-tunnel"), ("lo", "loopback"),
+)
+
+
+def type_from_name(name: str, allowed: Collection[str] = ()) -> str:
+    for prefix, kind in _TYPE_BY_PREFIX:
+        if name.startswith(prefix) and (not allowed or kind in allowed):
+            return kind
+    return "ether"
+
+
+class InterfaceNames:
+    """`state.interfaces`: the interface names as a set-like view (the older API).
+
+    `add(name)` creates an interface whose type is guessed from its name; new code calls
+    `state.add_interface(name, type)`.
+    """
+
+    def __init__(self, state: RouterState) -> None:
+        self._state = state
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._state.routing.interfaces
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._state.routing.interfaces))
+
+    def __len__(self) -> int:
+        return len(self._state.routing.interfaces)
+
+    def add(self, name: str) -> None:
+        if name not in self:
+            types = self._state.profile.interface_types
+            self._state.add_interface(name, type_from_name(name, types))
+
+    def update(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.add(name)
+
+    def discard(self, name: str) -> None:
+        if name in self:
+            self._state.remove_interface(name)
+
+
+class LegacyRoutes:
+    """`state.routes`: the older "route oracle" API, kept on top of the routing model.
+
+    `set(dest, interface=, nexthop=)` adds a static route (`nexthop%interface`, or the
+    interface as gateway) and replaces one set before for the same destination;
+    `set_no_route(dest)` adds a blackhole route. New code uses `state.add_route()`.
+    """
+
+    def __init__(self, state: RouterState) -> None:
+        self._state = state
+        self._mine: dict[str, str] = {}
+
+    def _key(self, destination: str) -> str:
+        return str(ipaddress.ip_network(destination, strict=False))
+
+    def remove(self, destination: str) -> None:
+        route_id = self._mine.pop(self._key(destination), None)
+        if route_id is not None:
+            self._state.routing.routes = [
+                r for r in self._state.routing.routes
+                if self._state.routing._route_id(r) != route_id
+            ]
+
+    def set(self, destination: str, *, interface: str | None, nexthop: str | None = None,
+            status: str = "ok") -> None:
+        del status  # the model derives it
+        self.remove(destination)
+        key = self._key(destination)
+        if interface is None:
+            self._mine[key] = self._state.add_route(key, blackhole=True, distance=0)
+            return
+        self._state.interfaces.add(interface)
+        gateway = f"{nexthop}%{interface}" if nexthop else interface
+        self._mine[key] = self._state.add_route(key, gateway, distance=0)
+
+    def set_no_route(self, destination: str) -> None:
+        self.set(destination, interface=None)
+
+    def check(self, destination: str) -> RouteCheck:
+        return self._state.route_check(destination)
+
+    def clear(self) -> None:
+        """Remove every route (configured and learned)."""
+        self._state.routing.routes.clear()
+        self._mine.clear()
+
+
 class RouterState:
-    """Everything the emulated router holds; survives restarts of the emulator's sessions."""
+    """Everything the emulated router holds; survives restarts of the emulator's sessions.
+
+    `setup="home"` (the default) starts as a typical home router without a route to a VPN
+    gateway (see `setup_home_router`); `setup="bare"` starts with no interfaces at all.
+    """
 
     def __init__(
         self,
         *,
-        interfaces: Collection[str] = DEFAULT_INTERFACES,
+        profile: str | Profile = CURRENT,
         identity: str = "MikroTik",
-        version: str = "7.18",
-        default_route: RouteCheck | None = RouteCheck("ok", "ether1", "192.0.2.1"),
+        setup: str = "home",
     ) -> None:
-        self.interfaces: set[str] = set(interfaces)
+        self.profile = profile if isinstance(profile, Profile) else Profile.named(profile)
+        self.routing = Routing()
         self.nat = Table("/ip/firewall/nat", NAT_SCHEMA, self._interface_exists)
         self.tables: dict[str, Table] = {self.nat.path: self.nat}
-        self.routes = RouteOracle()
-        if default_route is not None:
-            self.routes.set_answer("0.0.0.0/0", default_route)
+        self.users: dict[str, User] = {}
         self.identity = identity
-        # Fields of /system/resource/print; "uptime" is computed unless a test sets it.
-        self.resource: Row = default_resource(version)
-        self.booted_at = time.monotonic()
+        # Fields of /system/resource/print a test overrides; the rest follow the profile.
+        self.resource: Row = {}
+        # The router under test has been up for a while (a day), as a real one has: a
+        # reboot then shows as uptime going back, which is how the adapter notices one.
+        self.booted_at = time.monotonic() - 86400
+        self.interfaces = InterfaceNames(self)
+        self.routes = LegacyRoutes(self)
+        if setup == "home":
+            self.setup_home_router(vpn_gateway=None)
+        elif setup != "bare":
+            raise ValueError(f"unknown setup {setup!r}")
+
+    # -- users -------------------------------------------------------------------------
+
+    def add_user(self, name: str, password: str = "",
+                 group: str | Iterable[str] = "full") -> None:
+        """Add (or replace) an API user: `group` is full/read/write or a policy list."""
+        self.users[name] = User(name, password, policies_of(group))
+
+    # -- interfaces, addresses, routes -------------------------------------------------
+
+    def add_interface(self, name: str, type: str = "ether", *, running: bool = True,
+                      disabled: bool = False, comment: str | None = None) -> str:
+        """Add an interface; `type` as /interface prints it (`wg`, `pppoe-out`, ...)."""
+        return self.routing.add_interface(name, type, running=running, disabled=disabled,
+                                          comment=comment,
+                                          allowed_types=self.profile.interface_types)
+
+    def set_running(self, name: str, running: bool) -> None:
+        """A link or tunnel going up or down (what `running` shows)."""
+        self.routing.interface(name).running = running
+
+    def set_disabled(self, name: str, disabled: bool) -> None:
+        self.routing.interface(name).disabled = disabled
+
+    def remove_interface(self, name: str) -> None:
+        self.routing.remove_interface(name)
+
+    def interface_type(self, name: str) -> str:
+        return self.routing.interface(name).type
+
+    def add_address(self, cidr: str, interface: str, *, network: str | None = None,
+                    dynamic: bool = False, disabled: bool = False) -> str:
+        """An IP address on an interface; its network becomes a connected route."""
+        return self.routing.add_address(cidr, interface, network=network, dynamic=dynamic,
+                                        disabled=disabled)
+
+    def remove_address(self, cidr_or_id: str) -> None:
+        self.routing.remove_address(cidr_or_id)
+
+    def add_route(self, dst: str, gateway: str | None = None, *, distance: int = 1,
+                  table: str = MAIN, blackhole: bool = False, disabled: bool = False,
+                  dhcp: bool = False, comment: str | None = None) -> str:
+        """A route: `gateway` is an address, `address%iface` or an interface name."""
+        return self.routing.add_route(dst, gateway, distance=distance, table=table,
+                                      blackhole=blackhole, disabled=disabled, dhcp=dhcp,
+                                      comment=comment)
+
+    def remove_route(self, route_id_or_dst: str) -> None:
+        self.routing.remove_route(route_id_or_dst)
+
+    def set_route(self, route_id: str, **changes: object) -> None:
+        self.routing.set_route(route_id, **changes)
+
+    def route_check(self, destination: str, table: str = MAIN) -> RouteCheck:
+        """The answer of `/ip/route/check dst-ip=destination` (longest-prefix active route)."""
+        return self.routing.lookup(destination, table)
 
     def _interface_exists(self, name: str) -> bool:
-        return name in self.interfaces
+        return name in self.routing.interfaces or name in PSEUDO_INTERFACES
+
+    # -- the typical home router -------------------------------------------------------
+
+    def setup_home_router(
+        self,
+        *,
+        vpn_gateway: str | None = "10.2.0.1",
+        uplink: str = "dhcp",
+        vpn_interface: str | None = None,
+        vpn_type: str | None = None,
+        vpn_routing: str = "host",
+        vpn_table: str = "vpn",
+    ) -> None:
+        """Replace interfaces, addresses and routes with a typical home router's.
+
+        - ether1: the ISP uplink. `uplink="dhcp"`: address 192.0.2.2/24 and a default route
+          via 192.0.2.1 learned by DHCP. `uplink="pppoe"`: pppoe-out1 over ether1 carries
+          198.51.100.7 (peer 198.51.100.1) and the default route (gateway pppoe-out1).
+        - bridge: the LAN, 192.168.88.1/24.
+        - the VPN tunnel (`wg-proton` of type wg; on 6.x `ovpn-proton` of type ovpn-out),
+          address 10.2.0.2/32. With `vpn_gateway`, `vpn_routing="host"` routes
+          `vpn_gateway/32` through the tunnel in main; `"table"` puts 0.0.0.0/0 through the
+          tunnel in routing table `vpn_table` and leaves main alone.
+        """
+        v7 = self.profile.v7
+        name = vpn_interface or ("wg-proton" if v7 else "ovpn-proton")
+        kind = vpn_type or ("wg" if v7 else "ovpn-out")
+        self.routing = Routing()
+        self.add_interface("ether1", "ether")
+        self.add_interface("bridge", "bridge")
+        if uplink == "dhcp":
+            self.add_address("192.0.2.2/24", "ether1", dynamic=True)
+            self.add_route("0.0.0.0/0", "192.0.2.1", distance=1, dhcp=True)
+        elif uplink == "pppoe":
+            self.add_interface("pppoe-out1", "pppoe-out")
+            self.add_address("198.51.100.7/32", "pppoe-out1", network="198.51.100.1",
+                             dynamic=True)
+            # GUESS: the PPPoE client's default route appears as a dynamic route.
+            self.add_route("0.0.0.0/0", "pppoe-out1", distance=1, dhcp=True)
+        else:
+            raise ValueError(f"unknown uplink {uplink!r}")
+        self.add_address("192.168.88.1/24", "bridge")
+        self.add_interface(name, kind)
+        self.add_address("10.2.0.2/32", name)
+        if vpn_gateway is None:
+            return
+        if vpn_routing == "host":
+            self.add_route(f"{vpn_gateway}/32", name)
+        elif vpn_routing == "table":
+            self.add_route("0.0.0.0/0", name, table=vpn_table)
+        else:
+            raise ValueError(f"unknown vpn_routing {vpn_routing!r}")
+
+    # -- the clock and reboots ---------------------------------------------------------
 
     def reboot_clock(self) -> None:
         self.booted_at = time.monotonic()
 
+    def renumber(self, compact: bool = False) -> None:
+        """New ids for every table row, interface, address and route (GUESS: whether a
+        real reboot renumbers is not recorded; if it does, `compact`, ids from *1 in
+        order, is the likely way)."""
+        for table in self.tables.values():
+            table.renumber(compact)
+        self.routing.renumber()
+
     def resource_row(self) -> Row:
-        row = {"uptime": format_uptime(time.monotonic() - self.booted_at)}
+        row = resource_row(self.profile, format_uptime(time.monotonic() - self.booted_at))
         row.update(self.resource)
         return row
