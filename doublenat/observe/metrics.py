@@ -56,6 +56,8 @@ class Metrics:
         disable_created = getattr(prometheus_client, "disable_created_metrics", None)
         if disable_created is not None:  # prometheus_client >= 0.17
             disable_created()
+        else:  # 0.16 (bookworm's python3-prometheus-client): the switch that function sets
+            prometheus_client.metrics._use_created = False
         self.registry = CollectorRegistry()
         self.router_call_seconds = Histogram(
             "doublenat_router_call_seconds",
