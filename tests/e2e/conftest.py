@@ -50,7 +50,10 @@ def _param(upstream: str, release: str) -> object:
                 params=[_param(u, r) for r in BED_RELEASES for u in UPSTREAMS])
 def bed(request: pytest.FixtureRequest,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    upstream, release = request.param
+    # A test may choose its bed with an indirect parameter: the upstream alone (the host's
+    # release), or (upstream, release).
+    upstream, release = ((request.param, HOST) if isinstance(request.param, str)
+                         else request.param)
     _requirements(upstream, release)
     workdir = tmp_path_factory.mktemp(f"bed-{upstream}-{release}")
     with Bed(upstream, workdir, release=release) as started:
