@@ -69,9 +69,10 @@ RECIPE = 2
 BASE_PACKAGES = ("supervisor", "natpmpc")
 # Installed in amd64 chroots too: the unit and integration suites under the release's
 # python3 (tests/packaging/test_releases.py) and the end-to-end bed's upstream
-# (tests/e2e). openssl makes the TLS tests' certificates, procps gives ps and pgrep.
+# (tests/e2e). openssl makes the TLS tests' certificates, procps gives ps and pgrep,
+# prometheus scrapes the daemon's /metrics and its promtool checks the README's rules.
 SUITE_PACKAGES = ("python3-pytest", "python3-hypothesis", "openssl", "procps",
-                  "miniupnpd", "miniupnpd-nftables")
+                  "miniupnpd", "miniupnpd-nftables", "prometheus")
 QEMU = {"arm64": "qemu-aarch64"}
 # The CPU qemu emulates for arm64: a Raspberry Pi 4's (ARMv8.0, like the Pi 3's Cortex-A53
 # and unlike qemu's default "max"). Besides being what the users run, it has no pointer

@@ -108,9 +108,10 @@ class Target:
         return self.run("apt-get", "-y", "-q", *args,
                         env={"DEBIAN_FRONTEND": "noninteractive"})
 
-    def install(self, deb: str) -> chroots.Result:
+    def install(self, deb: str, *options: str) -> chroots.Result:
         """The README's command, `apt-get install ./<file>.deb`, in /root where it is."""
-        return self.run("sh", "-c", f"cd /root && apt-get install -y -q ./{shlex.quote(deb)}",
+        command = shlex.join(["apt-get", "install", "-y", "-q", *options, f"./{deb}"])
+        return self.run("sh", "-c", f"cd /root && {command}",
                         env={"DEBIAN_FRONTEND": "noninteractive"})
 
     def supervisorctl(self, *args: str, check: bool = True) -> chroots.Result:
@@ -332,6 +333,10 @@ def test_one_package_for_every_release_and_architecture(debs: dict[str, Any]) ->
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
     assert "/usr/share/doublenat/routeros_api/__init__.py" in paths
     assert "/usr/share/doublenat/doublenat/cli.py" in paths
+    # where the README's HOOK_COMMAND recipe copies it from, executable
+    hook = next(line for line in listing.splitlines()
+                if line.endswith("/usr/share/doublenat/examples/qbittorrent-port-hook"))
+    assert hook.startswith("-rwxr-xr-x"), hook
     # No compiled code, no byte code: the same file for every architecture and python3.
     assert not [p for p in paths if p.endswith((".so", ".pyc"))]
     assert not [p for p in paths if "/dist-packages/" in p or p.startswith("/opt/")]
@@ -512,6 +517,14 @@ def test_install_configure_run_stop_upgrade_purge(target: Target,
     print(f"timings (s): {box.timings}")
 
 
+def shipped_env(deb: Path) -> str:
+    """The env file as a package ships it."""
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                         check=True).stdout
+    return subprocess.run(["tar", "-xO", "./etc/doublenat/doublenat.env"], input=tar,
+                          capture_output=True, check=True).stdout.decode()
+
+
 @pytest.mark.prepare("olddeb")
 @pytest.mark.parametrize("target", [
     pytest.param(("bookworm", "amd64"), id="bookworm-amd64",
@@ -538,7 +551,9 @@ def test_upgrade_from_the_virtualenv_package(target: Target, debs: dict[str, Any
     box.run("doublenat", "--version")  # as root, as an operator runs it
     box.lap("old package running")
 
-    box.install(new.name)
+    # The env file shipped has changed since (new settings) and the operator's has too: dpkg
+    # would ask. Without anyone to answer, the README's way to keep the operator's.
+    box.install(new.name, "-o", "Dpkg::Options::=--force-confold")
     box.lap("upgrade")
     box.wait_serving(2)
     assert box.daemon_pid() not in (0, old_pid), "the upgrade did not restart the daemon"
@@ -548,8 +563,13 @@ def test_upgrade_from_the_virtualenv_package(target: Target, debs: dict[str, Any
     # Nothing of the old layout is left.
     assert not box.file("/opt/venvs").exists(), "the upgrade left /opt/venvs"
     assert not box.file("/usr/bin/doublenat").is_symlink()
-    # The operator's configuration stays, with its permissions.
+    # The operator's configuration stays, with its permissions; the new file is beside it.
     assert f"MIKROTIK_API_ADDRESS={box.router}" in box.file(ENV_FILE).read_text()
+    shipped = (ROOT / "packaging" / "etc" / "doublenat.env").read_text()
+    if shipped_env(old) != shipped:
+        assert box.file(ENV_FILE + ".dpkg-dist").read_text() == shipped
+    else:
+        assert not box.file(ENV_FILE + ".dpkg-dist").exists()
     mode = box.run("stat", "-c", "%a %U %G", ENV_FILE).stdout.split()
     assert mode == ["640", "root", "doublenat"], mode
 
