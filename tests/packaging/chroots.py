@@ -82,9 +82,9 @@ QEMU = {"arm64": "qemu-aarch64"}
 QEMU_CPU = os.environ.get("DOUBLENAT_QEMU_CPU", "cortex-a72")
 METADATA = "doublenat-chroot.json"
 # Versions recorded in the metadata (and printed by `list`), installed or cached.
-REPORTED = ("python3", "supervisor", "natpmpc", "miniupnpd", "python3-gevent", "python3-click",
-            "python3-pythonjsonlogger", "python3-prometheus-client", "python3-pytest",
-            "python3-hypothesis")
+REPORTED = ("python3", "supervisor", "natpmpc", "miniupnpd", "prometheus", "python3-gevent",
+            "python3-click", "python3-pythonjsonlogger", "python3-prometheus-client",
+            "python3-pytest", "python3-hypothesis")
 
 
 class ChrootError(RuntimeError):
@@ -312,9 +312,33 @@ def build(spec: Spec, log: IO[str] | None = None) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         print(f"chroot {spec.name} built in {meta['build_seconds']} s: {spec.path}",
               file=out, flush=True)
+        _remove_stale(spec)
         return spec.path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_stale(spec: Spec) -> None:
+    """Other recipes' chroots of the same release and architecture, past the age limit and
+    in nobody's use (their lock is free), so the cache does not grow with each change."""
+    for entry in CACHE.glob(f"{spec.name}-*.lock"):
+        key = entry.name.removesuffix(".lock")
+        path = CACHE / key
+        if key == spec.key or not path.is_dir():
+            continue
+        try:
+            built = json.loads((path / METADATA).read_text())["built_at"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if time.time() - float(built) < MAX_AGE_DAYS * 86400:
+            continue
+        with open(entry, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+        entry.unlink(missing_ok=True)
 
 
 def _versions(root: Path) -> dict[str, str]:
