@@ -226,8 +226,16 @@ class Mapper:
         key = write.key
         try:
             ref = self.router.add_rule(spec)
-        except AlreadyExists as exc:
-            if retry_collision and write.router_port == write.upstream_port:
+        except RouterError as exc:
+            if isinstance(exc, RouterUnavailable) and not isinstance(exc, NotSent):
+                # The add may have happened before the connection broke: the port stays
+                # reserved until a listing shows whether the rule exists.
+                self.table.unknown(write)
+                self._failed(key, "router-unavailable", f"router unreachable: {exc}",
+                             spec.dst_port)
+                return _FAILED
+            if isinstance(exc, AlreadyExists) and retry_collision and \
+                    write.router_port == write.upstream_port:
                 # Our view of the router was stale: the port is taken; try another.
                 self._event(logging.INFO, "mapping.collision", key, router_port=spec.dst_port,
                             reason=f"router refused the rule: {exc}")
@@ -236,35 +244,19 @@ class Mapper:
                     return _NO_PORT
                 return self._add(moved, replace(spec, dst_port=moved.router_port or 0,
                                                 comment=moved.comment), retry_collision=False)
+            # Certainly not written: refused, or never sent.
             self.table.cancel(write, upstream_mapped=self._upstream_first(write))
-            self._failed(key, "router-refused", f"router refused the rule: {exc}",
-                         spec.dst_port)
-            return _NO_PORT
-        except InvalidValue as exc:
-            # Typically the VPN interface went away: detect it again before more rules.
-            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
-            self.table.unsynchronised(f"the router refused the rule: {exc}")
-            self._router_wanted()
-            self._failed(key, "router-refused", f"router refused the rule: {exc}",
-                         spec.dst_port)
-            return _FAILED
-        except NotSent as exc:
-            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
-            self._failed(key, "router-unreachable", f"router unreachable: {exc}",
-                         spec.dst_port)
-            return _FAILED
-        except RouterUnavailable as exc:
-            # The add may have happened before the connection broke: the port stays
-            # reserved until a listing shows whether the rule exists.
-            self.table.unknown(write)
-            self._failed(key, "router-unavailable", f"router unreachable: {exc}",
-                         spec.dst_port)
-            return _FAILED
-        except RouterError as exc:
-            self.table.cancel(write, upstream_mapped=self._upstream_first(write))
-            self._failed(key, "router-refused", f"router refused the rule: {exc}",
-                         spec.dst_port)
-            return _FAILED
+            if isinstance(exc, InvalidValue):
+                # Typically the VPN interface went away: detect it again before more rules.
+                self.table.unsynchronised(f"the router refused the rule: {exc}")
+                self._router_wanted()
+            if isinstance(exc, NotSent):
+                self._failed(key, "router-unreachable", f"router unreachable: {exc}",
+                             spec.dst_port)
+            else:
+                self._failed(key, "router-refused", f"router refused the rule: {exc}",
+                             spec.dst_port)
+            return _NO_PORT if isinstance(exc, AlreadyExists) else _FAILED
         return self.table.written(write, ref)
 
     def _upstream_first(self, write: Write) -> bool:
