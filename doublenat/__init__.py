@@ -3,4 +3,4 @@
 Kept free of imports so the console script can monkey-patch before anything else loads.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
