@@ -5,7 +5,10 @@
 
 Each prints one JSON object: {"ok": bool, "error": str|None, ...what it saw}. Replies the
 real client would drop are dropped here too (and counted under "ignored"), so a server
-that sends them shows up as a timeout, as it would for a user.
+that sends them shows up as a timeout, as it would for a user. One kind is not the
+server's fault and is counted apart, under "late": a second answer to a request the probe
+sent more than once (its first reply took longer than the retry interval, as on a loaded
+machine), which the real clients drop the same way.
 
 libtorrent (src/natpmp.cpp, 2.x): starts in PCP mode with a 60-byte version-2 MAP request
 and switches to NAT-PMP only on the reply "version 0 (or 2), result 1"; here the reply must
@@ -71,7 +74,10 @@ class Exchange:
         self.gateway = (gateway, PORT)
         self.connected = connected
         self.ignored: list[dict[str, object]] = []
+        self.late: list[dict[str, object]] = []
         self.sent = 0
+        # What identifies the answers to requests that were sent more than once.
+        self._resent_answers: set[bytes] = set()
 
     def ask(
         self,
@@ -80,8 +86,10 @@ class Exchange:
         waits: list[float],
         what: str,
     ) -> object:
+        sends = 0
         for wait in waits:
             self._send(packet)
+            sends += 1
             deadline = time.monotonic() + wait
             while (left := deadline - time.monotonic()) > 0:
                 self.sock.settimeout(left)
@@ -97,8 +105,14 @@ class Exchange:
                     continue
                 value = accept(data)
                 if value is None:
-                    self.ignored.append({"what": what, "why": "rejected", "raw": data.hex()})
+                    entry = {"what": what, "raw": data.hex()}
+                    if answer_key(data) in self._resent_answers:
+                        self.late.append({**entry, "why": "another answer to a resent request"})
+                    else:
+                        self.ignored.append({**entry, "why": "rejected"})
                     continue
+                if sends > 1:
+                    self._resent_answers.add(answer_key(data))
                 return value
         raise ProbeError(f"{what}: no acceptable reply after {len(waits)} attempts")
 
@@ -108,6 +122,12 @@ class Exchange:
             self.sock.send(packet)
         else:
             self.sock.sendto(packet, self.gateway)
+
+
+def answer_key(data: bytes) -> bytes:
+    """What two answers to one request share whatever their epoch and remaining lifetime:
+    version, opcode and result, plus the ports (mapping) or the address (opcode 0)."""
+    return data[:4] + data[8:12] if len(data) >= 12 else data[:4]
 
 
 def _map_accept(proto: Proto, internal: int, exact: bool) -> Callable[[bytes], MapReply | None]:
@@ -140,6 +160,7 @@ def libtorrent(args: argparse.Namespace, out: dict[str, object]) -> None:
     client = IPv4Address(sock.getsockname()[0])
     ex = Exchange(sock, args.gateway, connected=False)
     out["ignored"] = ex.ignored
+    out["late"] = ex.late
     linear = [0.25 * n for n in range(1, 10)]  # libtorrent: 250 ms x attempt, 9 attempts
 
     def fallback(data: bytes) -> bytes | None:
@@ -191,6 +212,7 @@ def gluetun(args: argparse.Namespace, out: dict[str, object]) -> None:
     sock.connect((args.gateway, PORT))
     ex = Exchange(sock, args.gateway, connected=True)
     out["ignored"] = ex.ignored
+    out["late"] = ex.late
     doubling = [0.25 * 2**n for n in range(args.attempts)]
 
     def address(data: bytes) -> AddressReply | None:
