@@ -1,7 +1,7 @@
 /* natpmp_load: the bench's compiled NAT-PMP load generator, and a trivial echo server.
  *
  * Built at bench time by bench/procs.py (gcc -O2, into build/bench/); not committed as a
- * binary. Two modes:
+ * binary. Three modes:
  *
  *   natpmp_load address --target IP:PORT [--window N] [--duration S] [--warmup S]
  *                       [--count N] [--timeout S] [--bind IP]
@@ -16,6 +16,16 @@
  *       to requests sent after the warm-up. With --count: sends exactly N requests (plus
  *       resends of lost ones), no warm-up; for counting the server's syscalls per request.
  *       Prints one JSON object.
+ *
+ *   natpmp_load map --target IP:PORT --sources A-B|A,B,.. --first PORT --count N
+ *                   [--window N] [--lifetime S] [--proto udp|tcp] [--echo]
+ *       Mapping requests (opcode 1 or 2) for a fixed list: job k asks for internal port
+ *       p = first + k from source p % S (S source addresses, one socket each), so every
+ *       job is a distinct mapping and any slice of a range asks for the same mappings
+ *       again (running it again renews them). Up to --window jobs are in flight; a reply
+ *       is matched by its socket and internal port. Unanswered after 2 s: sent again
+ *       (a retransmission; latency still runs from the first send); after 30 s: lost.
+ *       Replies are counted by result code. --echo: the target echoes the request back.
  *
  *   natpmp_load echo --listen IP:PORT
  *       The ceiling reference: answers a 2-byte opcode-0 request with a fixed 12-byte
@@ -50,6 +60,9 @@ static void usage(void)
     fprintf(stderr,
             "usage: natpmp_load address --target IP:PORT [--window N] [--duration S]\n"
             "                   [--warmup S] [--count N] [--timeout S] [--bind IP]\n"
+            "       natpmp_load map --target IP:PORT --sources A-B|A,B --first PORT\n"
+            "                   --count N [--window N] [--lifetime S] [--proto udp|tcp]\n"
+            "                   [--echo]\n"
             "       natpmp_load echo --listen IP:PORT\n");
     exit(2);
 }
@@ -344,6 +357,250 @@ static int main_address(int argc, char **argv)
     return 0;
 }
 
+/* ------------------------------------------------------------------ mapping requests */
+
+#define MAX_SOURCES 256
+
+static int parse_sources(const char *text, struct sockaddr_in *out)
+{
+    char copy[4096], *part, *save = NULL;
+    int n = 0;
+    snprintf(copy, sizeof copy, "%s", text);
+    for (part = strtok_r(copy, ",", &save); part; part = strtok_r(NULL, ",", &save)) {
+        char *dash = strchr(part, '-');
+        struct in_addr lo, hi;
+        uint32_t a, b;
+        if (dash)
+            *dash = '\0';
+        if (inet_pton(AF_INET, part, &lo) != 1 ||
+            (dash && inet_pton(AF_INET, dash + 1, &hi) != 1)) {
+            fprintf(stderr, "natpmp_load: bad sources %s\n", text);
+            exit(2);
+        }
+        a = ntohl(lo.s_addr);
+        b = dash ? ntohl(hi.s_addr) : a;
+        for (; a <= b; a++) {
+            if (n == MAX_SOURCES) {
+                fprintf(stderr, "natpmp_load: more than %d sources\n", MAX_SOURCES);
+                exit(2);
+            }
+            memset(&out[n], 0, sizeof out[n]);
+            out[n].sin_family = AF_INET;
+            out[n].sin_addr.s_addr = htonl(a);
+            n++;
+        }
+    }
+    return n;
+}
+
+struct job {
+    uint64_t first_sent, last_sent;
+    int port; /* 0: the slot is free */
+};
+
+static int main_map(int argc, char **argv)
+{
+    static struct sockaddr_in sources[MAX_SOURCES];
+    static int32_t slot_of[65536];     /* internal port -> its job's slot, -1: none */
+    static uint32_t codes[65536];      /* replies by result code */
+    struct options o = {.window = 1};
+    const char *source_text = "127.0.0.1";
+    long first = 20000, count = -1, lifetime = 3600, next = 0, sent = 0, retransmitted = 0,
+         lost = 0, bad = 0;
+    int opcode = 1, echo = 0, has_target = 0, n_sources, i, ep, pending = 0;
+    int fds[MAX_SOURCES];
+    struct job *jobs;
+    struct epoll_event *events;
+    struct samples s = {0};
+    uint64_t start, last_check, timeout_ns = 2000000000u, give_up_ns = 30000000000u;
+    unsigned char request[12], buf[64];
+    double seconds, mean = 0;
+    for (i = 0; i < argc; i++) {
+        const char *arg = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(arg, "--echo")) {
+            echo = 1;
+            continue;
+        }
+        if (!value)
+            usage();
+        if (!strcmp(arg, "--target"))
+            parse_endpoint(value, &o.target), has_target = 1;
+        else if (!strcmp(arg, "--window"))
+            o.window = atoi(value);
+        else if (!strcmp(arg, "--sources"))
+            source_text = value;
+        else if (!strcmp(arg, "--first"))
+            first = atol(value);
+        else if (!strcmp(arg, "--count"))
+            count = atol(value);
+        else if (!strcmp(arg, "--lifetime"))
+            lifetime = atol(value);
+        else if (!strcmp(arg, "--proto"))
+            opcode = !strcmp(value, "tcp") ? 2 : 1;
+        else
+            usage();
+        i++;
+    }
+    if (!has_target || count < 0 || o.window < 1 || o.window > MAX_WINDOW)
+        usage();
+    if (first < 1 || first + count - 1 > 65535) {
+        fprintf(stderr, "natpmp_load: internal ports out of range\n");
+        return 2;
+    }
+    n_sources = parse_sources(source_text, sources);
+    ep = epoll_create1(0);
+    jobs = calloc((size_t)o.window, sizeof *jobs);
+    events = calloc((size_t)n_sources, sizeof *events);
+    if (ep < 0 || !jobs || !events)
+        die("setup");
+    memset(slot_of, -1, sizeof slot_of);
+    for (i = 0; i < n_sources; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+        o.bind = sources[i];
+        o.has_bind = 1;
+        fds[i] = open_socket(&o, 1);
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev) < 0)
+            die("epoll_ctl");
+    }
+    request[0] = 0;
+    request[1] = (unsigned char)opcode;
+    request[2] = request[3] = 0;
+    request[8] = (unsigned char)(lifetime >> 24);
+    request[9] = (unsigned char)(lifetime >> 16);
+    request[10] = (unsigned char)(lifetime >> 8);
+    request[11] = (unsigned char)lifetime;
+#define SEND_PORT(port)                                                                  \
+    do {                                                                                 \
+        request[4] = request[6] = (unsigned char)((port) >> 8);                          \
+        request[5] = request[7] = (unsigned char)(port);                                 \
+        (void)send(fds[(port) % n_sources], request, sizeof request, 0);                 \
+        sent++;                                                                          \
+    } while (0)
+    start = last_check = now_ns();
+    for (i = 0; i < o.window && next < count; i++, next++) {
+        int port = (int)(first + next);
+        jobs[i] = (struct job){now_ns(), 0, port};
+        jobs[i].last_sent = jobs[i].first_sent;
+        slot_of[port] = i;
+        pending++;
+        SEND_PORT(port);
+    }
+    while (pending > 0) {
+        int ready = epoll_wait(ep, events, n_sources, 50), e;
+        uint64_t now;
+        if (ready < 0 && errno != EINTR)
+            die("epoll_wait");
+        for (e = 0; e < ready; e++) {
+            int index = (int)events[e].data.u32;
+            for (;;) {
+                ssize_t len = recv(fds[index], buf, sizeof buf, 0);
+                int port, code, slot;
+                if (len < 0) {
+                    if (errno == EAGAIN || errno == EWOULDBLOCK)
+                        break;
+                    bad++; /* ECONNREFUSED and the like */
+                    break;
+                }
+                now = now_ns();
+                if (echo) {
+                    port = len == 12 ? buf[4] << 8 | buf[5] : -1;
+                    code = 0;
+                } else if (len == 16 && buf[0] == 0 && buf[1] == 128 + opcode) {
+                    port = buf[8] << 8 | buf[9];
+                    code = buf[2] << 8 | buf[3];
+                } else {
+                    port = -1;
+                    code = 0;
+                }
+                slot = port >= 0 ? slot_of[port] : -1;
+                if (slot < 0 || port % n_sources != index) {
+                    bad++; /* a duplicate, a late reply, or garbage */
+                    continue;
+                }
+                keep(&s, now - jobs[slot].first_sent);
+                codes[code]++;
+                slot_of[port] = -1;
+                if (next < count) {
+                    int next_port = (int)(first + next++);
+                    jobs[slot] = (struct job){now_ns(), 0, next_port};
+                    jobs[slot].last_sent = jobs[slot].first_sent;
+                    slot_of[next_port] = slot;
+                    SEND_PORT(next_port);
+                } else {
+                    jobs[slot].port = 0;
+                    pending--;
+                }
+            }
+        }
+        now = now_ns();
+        if (now - last_check > 50000000u) {
+            last_check = now;
+            for (i = 0; i < o.window; i++) {
+                struct job *job = &jobs[i];
+                if (!job->port)
+                    continue;
+                if (now - job->first_sent > give_up_ns) {
+                    lost++;
+                    slot_of[job->port] = -1;
+                    job->port = 0;
+                    pending--;
+                    if (next < count) { /* the slot takes the next job */
+                        int next_port = (int)(first + next++);
+                        *job = (struct job){now_ns(), 0, next_port};
+                        job->last_sent = job->first_sent;
+                        slot_of[next_port] = i;
+                        pending++;
+                        SEND_PORT(next_port);
+                    }
+                } else if (now - job->last_sent > timeout_ns) {
+                    job->last_sent = now;
+                    retransmitted++;
+                    SEND_PORT(job->port);
+                }
+            }
+        }
+    }
+#undef SEND_PORT
+    seconds = (double)(now_ns() - start) / 1e9;
+    for (i = 0; i < n_sources; i++)
+        close(fds[i]);
+    close(ep);
+    if (s.n) {
+        size_t k;
+        for (k = 0; k < s.n; k++)
+            mean += s.ns[k];
+        mean /= (double)s.n;
+        qsort(s.ns, s.n, sizeof *s.ns, by_value);
+    }
+    printf("{\"generator\": \"c\", \"mode\": \"map\", \"window\": %d, \"sent\": %ld, "
+           "\"answered\": %zu, \"retransmitted\": %ld, \"lost\": %ld, \"bad\": %ld, "
+           "\"seconds\": %.6f, \"rate\": %.1f",
+           o.window, sent, s.n, retransmitted, lost, bad, seconds,
+           seconds > 0 ? (double)s.n / seconds : 0.0);
+    if (s.n)
+        printf(", \"p50_us\": %.2f, \"p90_us\": %.2f, \"p99_us\": %.2f, \"max_us\": %.2f, "
+               "\"mean_us\": %.2f",
+               pick_us(&s, 0.50), pick_us(&s, 0.90), pick_us(&s, 0.99),
+               s.ns[s.n - 1] / 1e3, mean / 1e3);
+    else
+        printf(", \"p50_us\": 0, \"p90_us\": 0, \"p99_us\": 0, \"max_us\": 0, \"mean_us\": 0");
+    printf(", \"results\": {");
+    {
+        const char *comma = "";
+        for (i = 0; i < 65536; i++) {
+            if (codes[i]) {
+                printf("%s\"%d\": %u", comma, i, codes[i]);
+                comma = ", ";
+            }
+        }
+    }
+    printf("}}\n");
+    free(s.ns);
+    free(jobs);
+    free(events);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ the echo server */
 
 static int main_echo(int argc, char **argv)
@@ -414,6 +671,8 @@ int main(int argc, char **argv)
         usage();
     if (!strcmp(argv[1], "address"))
         return main_address(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "map"))
+        return main_map(argc - 2, argv + 2);
     if (!strcmp(argv[1], "echo"))
         return main_echo(argc - 2, argv + 2);
     usage();

@@ -135,3 +135,73 @@ def test_syscalls_of_a_server_are_counted(c_echo: procs.CEcho, tmp_path) -> None
     assert answered["answered"] == 300
     # one request in flight: one recvmmsg and one sendmmsg each
     assert counts.get("recvmmsg", 0) >= 300 and counts.get("sendmmsg", 0) >= 300
+
+
+def test_mapping_requests_each_get_their_reply(c_echo: procs.CEcho) -> None:
+    result = procs.c_loadgen("map", "--target", c_echo.address, "--sources",
+                             "127.0.1.1-127.0.1.4", "--first", "1100", "--count", "5000",
+                             "--window", "32", "--echo", cpu=None)
+    assert (result["answered"], result["bad"], result["lost"]) == (5000, 0, 0)
+    assert result["results"] == {"0": 5000}
+
+
+class MappingServer:
+    """Answers mapping requests itself: result 2 for odd internal ports, and (with
+    `drop_first`) only the second time each port is asked; records who asked what."""
+
+    def __init__(self, drop_first: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.drop_first = drop_first
+        self.asked: dict[int, list[tuple[str, int]]] = {}
+        self.running = True
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while self.running:
+            try:
+                data, source = self.sock.recvfrom(64)
+            except TimeoutError:
+                continue
+            port = int.from_bytes(data[4:6], "big")
+            self.asked.setdefault(port, []).append((source[0], data[1]))
+            if self.drop_first and len(self.asked[port]) == 1:
+                continue
+            code = 2 if port % 2 else 0
+            reply = bytes((0, 128 + data[1])) + code.to_bytes(2, "big") + bytes(4) \
+                + data[4:6] + data[6:8] + data[8:12]
+            self.sock.sendto(reply, source)
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_mapping_replies_are_counted_by_result_code(built: None) -> None:
+    server = MappingServer()
+    try:
+        result = procs.c_loadgen("map", "--target", server.address, "--sources",
+                                 "127.0.1.1-127.0.1.3", "--first", "2000", "--count", "300",
+                                 "--window", "8", "--proto", "tcp", cpu=None)
+    finally:
+        server.stop()
+    assert result["results"] == {"0": 150, "2": 150} and result["bad"] == 0
+    # job k asks for port first + k from source port % 3, with the protocol's opcode
+    assert sorted(server.asked) == list(range(2000, 2300))
+    for port, asks in server.asked.items():
+        assert asks == [(f"127.0.1.{port % 3 + 1}", 2)]
+
+
+def test_unanswered_mapping_requests_are_sent_again(built: None) -> None:
+    server = MappingServer(drop_first=True)
+    try:
+        result = procs.c_loadgen("map", "--target", server.address, "--first", "3000",
+                                 "--count", "10", "--window", "10", cpu=None)
+    finally:
+        server.stop()
+    assert result["answered"] == 10 and result["retransmitted"] == 10
+    assert result["p50_us"] >= 2e6  # from the first send
