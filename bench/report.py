@@ -120,8 +120,9 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out += _op0_references(op0)
     ceiling = results.get("ceiling_map")
     if ceiling:
-        out.append(("generator ceiling: mapping requests to the echo server, 64 in flight "
-                    "(loopback)", INFO, f"echo: {_rate_lat(ceiling)}", "≫ 2,000/s", INFO))
+        out.append(("generator ceiling: bench/natpmp_load.c's mapping requests to the C echo "
+                    "server, 64 in flight (loopback)", INFO, f"C echo: {_rate_lat(ceiling)}",
+                    "≫ 2,000/s", INFO))
     if op0:
         out += _op0_compared(op0)
     create = results.get("create")

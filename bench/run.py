@@ -7,7 +7,7 @@
 Processes, not greenlets sharing a hub: doublenat (`python -m doublenat.cli serve`) is
 one process pinned to CPU 0; the lab's RouterOS and gateway emulators (bench.emulators)
 are another and the load generator a third (bench/natpmp_load.c, compiled at bench
-time, for opcode 0; bench.loadgen for mapping requests), both pinned to CPU 1.
+time; bench.loadgen for readiness probes and the flood phase), both pinned to CPU 1.
 
 Phases:
 1. opcode 0 through a veth pair between two network namespaces (natpmp-research §6), 1,
@@ -138,9 +138,10 @@ class Work:
         return first
 
     def run(self, first: int, count: int, window: int, lifetime: int = 3600) -> dict[str, Any]:
-        return loadgen("map", "--target", self.target, "--sources", self.sources,
-                       "--first", str(first), "--count", str(count), "--window", str(window),
-                       "--lifetime", str(lifetime), netns=self.netns)
+        return procs.c_loadgen("map", "--target", self.target, "--sources", self.sources,
+                               "--first", str(first), "--count", str(count),
+                               "--window", str(window), "--lifetime", str(lifetime),
+                               netns=self.netns, timeout=300)
 
     def create(self, count: int, window: int, lifetime: int = 3600) -> tuple[int, dict]:
         first = self.take(count)
@@ -515,12 +516,13 @@ def phase_flood(budget: Budget, workdir: Path) -> dict[str, Any]:
 
 
 def generator_map_ceiling(budget: Budget) -> dict[str, Any]:
-    echo = EchoServer("127.0.0.1:0")
+    """The compiled generator's mapping requests against the C echo, on loopback."""
+    echo = CEcho("127.0.0.1:0")
     try:
         count = 20000 if budget.quick else 50000
-        return _brief(loadgen("map", "--target", echo.address, "--sources", SOURCES,
-                              "--first", "1100", "--count", str(count), "--window", "64",
-                              "--echo"))
+        return _brief(procs.c_loadgen("map", "--target", echo.address, "--sources", SOURCES,
+                                      "--first", "1100", "--count", str(count),
+                                      "--window", "64", "--echo"))
     finally:
         echo.stop()
 
