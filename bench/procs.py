@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -438,7 +438,8 @@ PERF_SYSCALLS = ("recvfrom", "sendto", "recvmsg", "sendmsg", "recvmmsg", "sendmm
                  "gettimeofday", "read", "write", "futex", "fcntl")
 
 
-def count_syscalls(pid: int, during: Any, tool: str, workdir: Path) -> dict[str, int]:
+def count_syscalls(pid: int, during: Callable[[], object], tool: str,
+                   workdir: Path) -> dict[str, int]:
     """Syscalls by name that `pid` (every thread) made while `during()` ran.
 
     perf: the syscall tracepoints, counted in the kernel (the server runs at its normal
