@@ -80,7 +80,9 @@ clean:
 
 # Long runs kept out of `make test` (see README): the benchmark table, and the fuzzer's
 # million datagrams against a running daemon.
+# gcc (build-essential) builds the opcode-0 generator; perf counts syscalls (strace if not).
 bench: deps venv
+	$(call apt_install,linux-perf strace)
 	$(PIP) install --quiet -e '.[test,bench]'
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 

@@ -1,7 +1,11 @@
-"""A bare stdlib UDP echo server: the trivial target the load generator's ceiling is
-measured against (what a NAT-PMP server could at best do on this machine in Python).
+"""A bare stdlib UDP echo server: a trivial target for the load generators' ceilings (what
+a NAT-PMP server could at best do on this machine in Python, without gevent).
 
     python -m bench.echo 127.0.0.1:5399
+
+A 2-byte opcode-0 request gets a fixed 12-byte reply (version 0, opcode 128, result 0),
+as a NAT-PMP server would send; any other datagram is echoed back as it came (the mapping
+generator's `--echo` ceiling accepts a copy of its request).
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+
+REQUEST = b"\x00\x00"
+REPLY = bytes((0, 128, 0, 0, 0, 0, 0, 1, 11, 22, 33, 44))
 
 
 def main(argv: list[str]) -> int:
@@ -21,7 +28,7 @@ def main(argv: list[str]) -> int:
     recvfrom, sendto = sock.recvfrom, sock.sendto
     while True:
         data, source = recvfrom(2048)
-        sendto(data, source)
+        sendto(REPLY if data == REQUEST else data, source)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,22 +311,210 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-# ---------------------------------------------------------------------- echo server
+# ---------------------------------------------------------------------- reference servers
 
 
-class EchoServer:
-    def __init__(self, listen: str, cpu: int | None = SERVER_CPU, netns: str | None = None):
-        cmd = wrap([PYTHON, "-m", "bench.echo", listen], cpu, netns)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=_env(),
-                                     cwd=ROOT)
+class _Listener:
+    """A reference server that prints its bound address on its first line of output."""
+
+    what = "server"
+
+    def __init__(self, cmd: Sequence[str], cpu: int | None, netns: str | None) -> None:
+        self.proc = subprocess.Popen(wrap(cmd, cpu, netns), stdout=subprocess.PIPE, text=True,
+                                     env=_env(), cwd=ROOT)
         assert self.proc.stdout is not None
         self.address = self.proc.stdout.readline().strip()
         if not self.address:
             self.stop()
-            raise BenchError("echo server did not start")
+            raise BenchError(f"{self.what} did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid  # ip netns exec, nice and taskset all exec the command
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+class EchoServer(_Listener):
+    """bench/echo.py: stdlib sockets, no gevent."""
+
+    what = "the stdlib echo server"
+
+    def __init__(self, listen: str, cpu: int | None = SERVER_CPU, netns: str | None = None):
+        super().__init__([PYTHON, "-m", "bench.echo", listen], cpu, netns)
+
+
+class CEcho(_Listener):
+    """`natpmp_load echo`: the compiled echo (recvmmsg/sendmmsg), the generator's ceiling."""
+
+    what = "the C echo server"
+
+    def __init__(self, listen: str, cpu: int | None = SERVER_CPU, netns: str | None = None):
+        super().__init__([str(natpmp_load()), "echo", "--listen", listen], cpu, netns)
+
+
+class GeventFloor(_Listener):
+    """bench/gevent_floor.py: a bare gevent DatagramServer with a fixed reply."""
+
+    what = "the gevent floor server"
+
+    def __init__(self, listen: str, inline: bool, cpu: int | None = SERVER_CPU,
+                 netns: str | None = None):
+        super().__init__([PYTHON, "-m", "bench.gevent_floor", listen,
+                          *(["--inline"] if inline else [])], cpu, netns)
+
+
+# ---------------------------------------------------------------------- the C generator
+
+
+C_SOURCE = ROOT / "bench" / "natpmp_load.c"
+BUILD_DIR = ROOT / "build" / "bench"
+CFLAGS = ("-O2", "-Wall", "-Wextra", "-std=gnu11")
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise BenchError("no C compiler: bench/natpmp_load.c needs gcc (make deps)")
+    return cc
+
+
+def compiler_version() -> str:
+    with contextlib.suppress(BenchError, OSError):
+        done = subprocess.run([compiler(), "--version"], capture_output=True, text=True,
+                              check=False)
+        return done.stdout.splitlines()[0] if done.stdout else "?"
+    return "?"
+
+
+def natpmp_load() -> Path:
+    """bench/natpmp_load.c built with this machine's compiler into build/bench/ (again
+    whenever the source is newer than the binary)."""
+    binary = BUILD_DIR / "natpmp_load"
+    if binary.exists() and binary.stat().st_mtime >= C_SOURCE.stat().st_mtime:
+        return binary
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    partial = BUILD_DIR / f"natpmp_load.{os.getpid()}.tmp"
+    done = subprocess.run([compiler(), *CFLAGS, "-o", str(partial), str(C_SOURCE)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise BenchError(f"building bench/natpmp_load.c failed: {done.stderr.strip()}")
+    partial.replace(binary)
+    return binary
+
+
+def c_loadgen(*args: str, cpu: int | None = CLIENT_CPU, netns: str | None = None,
+              timeout: float = 120.0) -> dict[str, Any]:
+    """`natpmp_load address ...`: its JSON result."""
+    cmd = wrap([str(natpmp_load()), *args], cpu, netns)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise BenchError(f"natpmp_load failed ({done.returncode}): {done.stderr.strip()}")
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------- syscall counts
+
+
+def syscall_counter() -> str | None:
+    """"perf" when perf's syscall tracepoints count here, else "strace", else None."""
+    if shutil.which("perf"):
+        done = subprocess.run(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "--",
+                               "true"], capture_output=True, text=True, check=False)
+        if done.returncode == 0 and "raw_syscalls:sys_enter" in done.stderr \
+                and "<not" not in done.stderr:
+            return "perf"
+    return "strace" if shutil.which("strace") else None
+
+
+# Counted one by one (perf's syscalls:sys_enter_* glob takes ~10 s to attach); the rest
+# are counted together through raw_syscalls:sys_enter and reported as "other".
+PERF_SYSCALLS = ("recvfrom", "sendto", "recvmsg", "sendmsg", "recvmmsg", "sendmmsg",
+                 "epoll_wait", "epoll_pwait", "epoll_ctl", "pselect6", "select", "poll",
+                 "ppoll", "ioctl", "close", "socket", "getpid", "clock_gettime",
+                 "gettimeofday", "read", "write", "futex", "fcntl")
+
+
+def count_syscalls(pid: int, during: Callable[[], object], tool: str,
+                   workdir: Path) -> dict[str, int]:
+    """Syscalls by name that `pid` (every thread) made while `during()` ran.
+
+    perf: the syscall tracepoints, counted in the kernel (the server runs at its normal
+    speed). strace: `strace -c -f`, which stops the server at every syscall (the counts
+    are right, the speed is not)."""
+    out_file = workdir / f"syscalls-{uuid.uuid4().hex[:6]}.txt"
+    if tool == "perf":
+        events = ["raw_syscalls:sys_enter", *(f"syscalls:sys_enter_{name}"
+                                              for name in PERF_SYSCALLS)]
+        cmd = ["perf", "stat", "-x,", "-e", ",".join(events), "-p", str(pid),
+               "-o", str(out_file)]
+    else:
+        events = []
+        cmd = ["strace", "-c", "-f", "-q", "-p", str(pid), "-o", str(out_file)]
+    counter = subprocess.Popen(wrap(cmd, CLIENT_CPU), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        _wait_attached(counter.pid, len(events) * len(os.listdir(f"/proc/{pid}/task")))
+        during()
+    finally:
+        if counter.poll() is None:
+            counter.send_signal(signal.SIGINT)
+        try:
+            counter.wait(30)
+        except subprocess.TimeoutExpired:
+            counter.kill()
+            counter.wait(5)
+    text = out_file.read_text() if out_file.exists() else ""
+    with contextlib.suppress(FileNotFoundError):
+        out_file.unlink()
+    counts = _parse_perf(text) if tool == "perf" else _parse_strace(text)
+    if not counts:
+        raise BenchError(f"{tool} counted no syscalls of pid {pid}")
+    return counts
+
+
+def _wait_attached(counter: int, perf_fds: int, timeout: float = 20.0) -> None:
+    """Until perf holds a counter for every event and thread (strace: a moment)."""
+    if not perf_fds:
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            held = sum(1 for fd in os.listdir(f"/proc/{counter}/fd") if "perf_event" in
+                       os.readlink(f"/proc/{counter}/fd/{fd}"))
+            if held >= perf_fds:
+                time.sleep(0.1)  # (they are enabled once all are open)
+                return
+        time.sleep(0.02)
+    raise BenchError("perf stat did not attach")
+
+
+def _parse_perf(text: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) < 3 or line.startswith("#") or not fields[0].strip().isdigit():
+            continue
+        name = fields[2].removeprefix("syscalls:sys_enter_")
+        counts[name] = int(fields[0])
+    total = counts.pop("raw_syscalls:sys_enter", None)
+    if total is not None:
+        counts["other"] = total - sum(counts.values())
+    return {name: n for name, n in counts.items() if n}
+
+
+def _parse_strace(text: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3])
+    return counts
 
 
 # ---------------------------------------------------------------------- namespaces

@@ -6,13 +6,17 @@
 
 Processes, not greenlets sharing a hub: doublenat (`python -m doublenat.cli serve`) is
 one process pinned to CPU 0; the lab's RouterOS and gateway emulators (bench.emulators)
-are another and the load generator (bench.loadgen) a third, both pinned to CPU 1.
+are another and the load generator a third (bench/natpmp_load.c, compiled at bench
+time; bench.loadgen for readiness probes and the flood phase), both pinned to CPU 1.
 
 Phases:
-1. opcode 0 through a veth pair between two network namespaces (natpmp-research §6): a
-   bare UDP echo server (the generator's ceiling), Debian's miniupnpd and doublenat, all
-   on CPU 0 in the gateway namespace, runs interleaved; the generator in the client
-   namespace. miniupnpd's mapping creation and renewal are measured there too.
+1. opcode 0 through a veth pair between two network namespaces (natpmp-research §6), 1,
+   16 and 64 in flight, from a compiled generator (bench/natpmp_load.c, built with gcc
+   into build/bench/) in the client namespace: a C echo server (the generator's ceiling),
+   two bare gevent DatagramServers (the floor of a gevent design), a stdlib echo,
+   Debian's miniupnpd and doublenat, all on CPU 0 in the gateway namespace, runs
+   alternating; then syscalls per request (perf's syscall tracepoints, or strace -c).
+   miniupnpd's mapping creation and renewal are measured there too.
 2. creations with the router emulator holding every command 2 ms: creations/s against
    the bound 4 connections / 2 ms and against a bare client (bench.rawros) on the same
    emulator, router writes and reads per creation, then renewals (lease path and
@@ -46,9 +50,11 @@ from bench.procs import (
     CLIENT_ADDRESS,
     GW_ADDRESS,
     BenchError,
+    CEcho,
     Doublenat,
     EchoServer,
     Emulators,
+    GeventFloor,
     Miniupnpd,
     Namespaces,
     loadgen,
@@ -60,6 +66,7 @@ SOURCES = "127.0.1.1-127.0.1.16"  # 16 client identities on loopback
 CREATE_LATENCY = 0.002
 SHUTDOWN_LATENCY = 0.005
 LEVELS = (10, 1000, 10000)
+OP0_WARMUP = 0.3
 
 
 class Budget:
@@ -69,6 +76,7 @@ class Budget:
         self.quick = quick
         self.op0_seconds = 0.8 if quick else 2.0
         self.op0_repeats = 1 if quick else 5
+        self.syscall_requests = 5000 if quick else 20000
         self.creations = 2000 if quick else 8000
         self.warmup_creations = 300 if quick else 1000
         self.upstream_renewals = 600 if quick else 2000
@@ -130,9 +138,10 @@ class Work:
         return first
 
     def run(self, first: int, count: int, window: int, lifetime: int = 3600) -> dict[str, Any]:
-        return loadgen("map", "--target", self.target, "--sources", self.sources,
-                       "--first", str(first), "--count", str(count), "--window", str(window),
-                       "--lifetime", str(lifetime), netns=self.netns)
+        return procs.c_loadgen("map", "--target", self.target, "--sources", self.sources,
+                               "--first", str(first), "--count", str(count),
+                               "--window", str(window), "--lifetime", str(lifetime),
+                               netns=self.netns, timeout=300)
 
     def create(self, count: int, window: int, lifetime: int = 3600) -> tuple[int, dict]:
         first = self.take(count)
@@ -143,33 +152,39 @@ class Work:
         return first, result
 
 
-def address_runs(target: str, window: int, budget: Budget, netns: str | None = None,
-                 echo: bool = False, repeats: int | None = None) -> dict[str, Any]:
-    runs = []
-    for _ in range(budget.op0_repeats if repeats is None else repeats):
-        args = ["address", "--target", target, "--window", str(window),
-                "--duration", str(budget.op0_seconds), "--warmup", "0.3"]
-        if echo:
-            args.append("--echo")
-        runs.append(loadgen(*args, netns=netns))
-    return median_run(runs)
-
-
 # ---------------------------------------------------------------------- phase 1
 
 
+# The servers of the opcode-0 phase, in the order their runs alternate: the C echo (the
+# generator's ceiling), the gevent floors, the stdlib echo, then the two compared.
+OP0_SERVERS = ("echo_c", "gevent_inline", "gevent_spawn", "echo_stdlib", "miniupnpd",
+               "doublenat")
+OP0_WINDOWS = (1, 16, 64)
+# Whose syscalls per request are counted (perf's tracepoints or strace -c).
+SYSCALL_SERVERS = ("echo_c", "gevent_inline", "miniupnpd", "doublenat")
+
+
 def phase_opcode0(budget: Budget, workdir: Path, py_spy: Path | None) -> dict[str, Any]:
-    """The echo server, miniupnpd and doublenat listen side by side in the gateway
+    """The reference servers, miniupnpd and doublenat listen side by side in the gateway
     namespace (each alone on CPU 0 while it is measured: the others are idle), and their
-    runs are interleaved, so a change in the machine's load hits all three alike."""
+    runs alternate, so a change in the machine's load hits all of them alike. The compiled
+    generator (bench/natpmp_load.c) runs in the client namespace on CPU 1."""
     out: dict[str, Any] = {"layout": "veth between network namespaces",
-                           "repeats": budget.op0_repeats, "seconds": budget.op0_seconds}
+                           "generator": "bench/natpmp_load.c",
+                           "repeats": budget.op0_repeats, "seconds": budget.op0_seconds,
+                           "warmup": OP0_WARMUP, "windows": list(OP0_WINDOWS)}
     ns = Namespaces()
-    echo = mu = emulators = daemon = None
+    refs: dict[str, Any] = {}
+    mu = emulators = daemon = None
     try:
         ns.setup()
-        log("opcode 0: echo server, miniupnpd and doublenat, runs interleaved")
-        echo = EchoServer(f"{GW_ADDRESS}:5399", netns=ns.gw)
+        procs.natpmp_load()  # built before anything is measured
+        log("opcode 0: C echo, gevent floors, stdlib echo, miniupnpd and doublenat, "
+            "runs alternating")
+        refs["echo_c"] = CEcho(f"{GW_ADDRESS}:5399", netns=ns.gw)
+        refs["gevent_inline"] = GeventFloor(f"{GW_ADDRESS}:5398", inline=True, netns=ns.gw)
+        refs["gevent_spawn"] = GeventFloor(f"{GW_ADDRESS}:5397", inline=False, netns=ns.gw)
+        refs["echo_stdlib"] = EchoServer(f"{GW_ADDRESS}:5396", netns=ns.gw)
         mu = Miniupnpd(ns)
         mu_target, dn_target = f"{GW_ADDRESS}:5351", f"{GW_ADDRESS}:5352"
         ready = loadgen("wait", "--target", mu_target, "--timeout", "15", netns=ns.cli)
@@ -180,23 +195,37 @@ def phase_opcode0(budget: Budget, workdir: Path, py_spy: Path | None) -> dict[st
         daemon = Doublenat(emulators, password, dn_target, netns=ns.gw,
                            client_netns=ns.cli, py_spy=py_spy)
         daemon.wait_ready()
-        targets = {"echo": (echo.address, True), "miniupnpd": (mu_target, False),
-                   "doublenat": (dn_target, False)}
-        for name in targets:
+        assert mu.pid is not None
+        targets: dict[str, tuple[str, int]] = {
+            name: (server.address, server.pid) for name, server in refs.items()}
+        targets["miniupnpd"] = (mu_target, mu.pid)
+        targets["doublenat"] = (dn_target, daemon.pid)
+        for name in OP0_SERVERS:
             out[name] = {}
-        for window in (1, 16):
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        for window in OP0_WINDOWS:
+            log(f"opcode 0, {window} in flight")
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in OP0_SERVERS}
             for _ in range(budget.op0_repeats):
-                for name, (target, is_echo) in targets.items():
+                for name in OP0_SERVERS:
+                    target, pid = targets[name]
                     stats: dict[str, Any] = {}
-                    with cpu_share(daemon.pid, stats):
-                        result = address_runs(target, window, budget, ns.cli, echo=is_echo,
-                                              repeats=1)
-                    if name == "doublenat":
-                        result.update(stats)
-                    runs[name].append(result)
-            for name in targets:
+                    with cpu_share(pid, stats):
+                        result = procs.c_loadgen(
+                            "address", "--target", target, "--window", str(window),
+                            "--duration", str(budget.op0_seconds),
+                            "--warmup", str(OP0_WARMUP), netns=ns.cli)
+                    runs[name].append({**result, **stats})
+            for name in OP0_SERVERS:
                 out[name][str(window)] = median_run(runs[name])
+
+        tool = procs.syscall_counter()
+        if tool is None:
+            log("syscalls per request skipped (neither perf nor strace)")
+        else:
+            log(f"syscalls per opcode-0 request ({tool})")
+            out["syscalls"] = syscalls_per_request(
+                {name: targets[name] for name in SYSCALL_SERVERS}, budget, tool, workdir,
+                ns.cli)
 
         log("miniupnpd: creations and renewals (references)")
         out["miniupnpd_create"] = scale_samples(
@@ -206,10 +235,39 @@ def phase_opcode0(budget: Budget, workdir: Path, py_spy: Path | None) -> dict[st
     finally:
         if daemon is not None:
             daemon.terminate() if py_spy else daemon.kill()
-        for proc in (emulators, mu, echo):
+        for proc in (emulators, mu, *refs.values()):
             if proc is not None:
                 proc.stop()
         ns.teardown()
+    return out
+
+
+def syscalls_per_request(targets: dict[str, tuple[str, int]], budget: Budget, tool: str,
+                         workdir: Path, netns: str) -> dict[str, Any]:
+    """Each server's syscalls (all threads) while the generator sends a fixed number of
+    opcode-0 requests at each window, divided by the requests answered."""
+    count = budget.syscall_requests if tool == "perf" else budget.syscall_requests // 10
+    out: dict[str, Any] = {"tool": tool, "requests": count}
+    for name, (target, pid) in targets.items():
+        out[name] = {}
+        for window in OP0_WINDOWS:
+            answered: dict[str, Any] = {}
+
+            def send(target: str = target, window: int = window,
+                     answered: dict[str, Any] = answered) -> None:
+                answered.update(procs.c_loadgen(
+                    "address", "--target", target, "--window", str(window),
+                    "--count", str(count), "--timeout", "2", netns=netns))
+
+            counts = procs.count_syscalls(pid, send, tool, workdir)
+            n = answered["answered"] or 1
+            total = sum(counts.values())
+            out[name][str(window)] = {
+                "per_request": round(total / n, 3),
+                "answered": answered["answered"],
+                "by_syscall": {k: round(v / n, 3) for k, v in
+                               sorted(counts.items(), key=lambda kv: -kv[1]) if v / n >= 0.01},
+            }
     return out
 
 
@@ -458,12 +516,13 @@ def phase_flood(budget: Budget, workdir: Path) -> dict[str, Any]:
 
 
 def generator_map_ceiling(budget: Budget) -> dict[str, Any]:
-    echo = EchoServer("127.0.0.1:0")
+    """The compiled generator's mapping requests against the C echo, on loopback."""
+    echo = CEcho("127.0.0.1:0")
     try:
         count = 20000 if budget.quick else 50000
-        return _brief(loadgen("map", "--target", echo.address, "--sources", SOURCES,
-                              "--first", "1100", "--count", str(count), "--window", "64",
-                              "--echo"))
+        return _brief(procs.c_loadgen("map", "--target", echo.address, "--sources", SOURCES,
+                                      "--first", "1100", "--count", str(count),
+                                      "--window", "64", "--echo"))
     finally:
         echo.stop()
 
@@ -480,7 +539,8 @@ def machine() -> dict[str, Any]:
                 break
     import gevent
 
-    versions = {"python": platform.python_version(), "gevent": gevent.__version__}
+    versions = {"python": platform.python_version(), "gevent": gevent.__version__,
+                "cc": procs.compiler_version()}
     with contextlib.suppress(Exception):
         from importlib.metadata import version
 
