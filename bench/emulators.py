@@ -87,12 +87,14 @@ class BenchGateway(GatewayEmulator):
             self._port_of[key] = mapping.external_port
             self._by_port[mapping.external_port].add(key)
 
-    def expire(self) -> list[GatewayMapping]:
-        now = self._clock()
+    def _expire(self, now: float) -> list[GatewayMapping]:
+        # The lab's scan of the whole table runs on every request (and on every tick):
+        # here at most once per _SWEEP_EVERY. A lease that ran out and is renewed before
+        # the next sweep is renewed, not re-created (bench.dynamics counts such lapses).
         if now < self._next_sweep:
             return []
         self._next_sweep = now + _SWEEP_EVERY
-        return super().expire()
+        return super()._expire(now)
 
     def _pick_rfc(self, key: MappingKey, suggested: int, avoid: int | None) -> int | None:
         # The same rule as the lab's: a port is taken by another client whatever the
