@@ -10,8 +10,12 @@ back as a herd, and the spread persists. A mapping that ended is skipped when po
 Re-mapping (SPEC §5.2): when the gateway shows it lost its mappings (its epoch went back
 or its address changed, seen in any reply or in the opcode-0 probe every
 UPSTREAM_PROBE_INTERVAL), every live mapping is asked for again
-at once, `REMAP_PARALLEL` at a time; one that fails is retried by the keep-alive
-schedule until its lifetime ends, never dropped.
+at once, `REMAP_PARALLEL` at a time. Those that failed while the gateway was answering
+are asked for once more as soon as the pass is over: in `external` mode the gateway may
+give a mapping the port another of ours held before the loss, and while that one's own
+re-map is still in flight its rule can be neither parked nor moved, so the first try
+fails; once every re-map has finished it succeeds. One that still fails is retried by
+the keep-alive schedule until its lifetime ends, never dropped.
 """
 
 from __future__ import annotations
@@ -191,7 +195,15 @@ class Upkeep:
             return
         started = self.clock()
         changes_before = self.mapper.counters["port_changes"]
-        results = Pool(REMAP_PARALLEL).map(lambda k: self._renew(k, "upstream lost"), stale)
+        answers = self.mapper.upstream.answers
+        pool = Pool(REMAP_PARALLEL)
+        results = pool.map(lambda k: self._renew(k, "upstream lost"), stale)
+        again = [i for i, r in enumerate(results) if r is False]
+        if again and self.mapper.upstream.answers > answers:
+            # (Not when the gateway is silent: the keep-alive retries pace those.)
+            for i, result in zip(again, pool.map(
+                    lambda i: self._renew(stale[i], "upstream lost"), again), strict=True):
+                results[i] = result
         failed = sum(1 for r in results if r is False)
         if failed and not self.keepalive:
             # Without keep-alive nobody else would try again before the client does.
@@ -201,11 +213,11 @@ class Upkeep:
         self.remaps += 1
         self.last_remap = {"mappings": len(stale), "seconds": self.clock() - started,
                            "moved": self.mapper.counters["port_changes"] - changes_before,
-                           "failed": failed}
+                           "failed": failed, "retried": len(again)}
         log.warning("re-mapped after an upstream loss", extra=mapping_fields(
             "upstream.remapped", None, None, {
                 "mappings": len(stale), "seconds": round(self.clock() - started, 3),
-                "moved": self.last_remap["moved"], "failed": failed}))
+                "moved": self.last_remap["moved"], "failed": failed, "retried": len(again)}))
 
     # ------------------------------------------------------------------ probe
 
