@@ -4,10 +4,13 @@ mappings and mapping-change events: the engine's timers over fakes and a fake cl
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from ipaddress import IPv4Address
 
+import gevent
 import pytest
+from gevent.event import Event
 
 from doublenat.engine.address import STALE_FOR, AddressService
 from doublenat.engine.contracts import GatewayError
@@ -290,3 +293,42 @@ def test_a_remap_blocked_by_a_mapping_still_being_remapped_is_tried_again_at_onc
     assert engine.mapper.leases[b_key].external_port == 50001
     assert not any(lease.parked for lease in engine.mapper.leases.values())
     rules_match_leases(engine.mapper, engine.router)
+
+
+class _CountingEvent:
+    def __init__(self) -> None:
+        self.event, self.waits = Event(), 0
+
+    def clear(self) -> None:
+        self.event.clear()
+
+    def set(self) -> None:
+        self.event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return self.event.wait(timeout)
+
+
+def test_keepalive_wakes_in_ticks_not_once_per_renewal() -> None:
+    """Found by the bench (bench/dynamics.py, issue 16): with 10,000 mappings on a 60 s
+    lease, ~440 renewals a second, the keep-alive loop woke the hub once per renewal (a
+    timer of a few milliseconds each time); the daemon spent 18-21% of a core on
+    keep-alive. Waking every KEEPALIVE_TICK and sending all that is due costs a third
+    of that, and a renewal is at most a tick late (against 15-30 s of a 60 s lease)."""
+    engine = Engine()
+    upkeep = engine.upkeep
+    upkeep.clock = time.monotonic
+    renewed: list[MappingKey] = []
+    upkeep._renew = lambda key, why: renewed.append(key)  # type: ignore[method-assign]
+    wake = _CountingEvent()
+    upkeep._wake = wake  # type: ignore[assignment]
+    start = time.monotonic()
+    keys = [MappingKey(IPv4Address(0x0A000000 + i), Proto.UDP, 5000) for i in range(200)]
+    for i, key in enumerate(keys):
+        upkeep.schedule.plan(key, start + 0.5 * i / len(keys))  # 400 a second
+    loop = gevent.spawn(upkeep._keepalive_loop)
+    gevent.sleep(0.5 + 0.25)
+    loop.kill()
+    assert sorted(renewed) == sorted(keys)  # every one renewed, none twice
+    assert wake.waits <= 0.75 / 0.1 + 5, wake.waits
