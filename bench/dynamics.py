@@ -191,6 +191,8 @@ def phase_remap(quick: bool, workdir: Path) -> dict[str, Any]:
         out["rules_before"] = before["router"]["rules"]
         out["gateway_mappings_before"] = before["gateway"]["mappings"]
         emulators.reset()
+        cpu_before, wall_before = _cpu_seconds(daemon.pid), time.monotonic()
+        emulator_cpu_before = _cpu_seconds(emulators.pids[0])
         loss = emulators.control("reconnect")
         out["lost_at_gateway"] = loss["lost"]
         deadline = time.monotonic() + REMAP_TIMEOUT
@@ -201,6 +203,12 @@ def phase_remap(quick: bool, workdir: Path) -> dict[str, Any]:
             if done or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
+        # The daemon's CPU from the loss until the poll saw everything in place (within
+        # 0.1 s of the end): near 100% means the re-map was bound by doublenat's CPU.
+        elapsed = time.monotonic() - wall_before
+        out["daemon_cpu_during"] = round((_cpu_seconds(daemon.pid) - cpu_before) / elapsed, 3)
+        out["emulator_cpu_during"] = round(
+            (_cpu_seconds(emulators.pids[0]) - emulator_cpu_before) / elapsed, 3)
         out["settled"] = done
         records = _await_log(daemon, "upstream.remapped", 10.0)
         counters = emulators.counters()
@@ -438,7 +446,14 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"granted port ({remap['rules_had_to_move']:,} had to move), the last moved after "
             + (f"{rules_s:.2f} s" if rules_s is not None else "—"),
             f"{n:,} x {remap['gateway_delay'] * 1000:g} ms one at a time = "
-            f"{n * remap['gateway_delay']:.0f} s; doublenat's own count: "
+            f"{n * remap['gateway_delay']:.0f} s; bound: {n:,} ÷ 64 in parallel x "
+            f"{remap['gateway_delay'] * 1000:g} ms = {n / 64 * remap['gateway_delay']:.2f} s "
+            f"upstream, {remap['rules_had_to_move']:,} rule moves ÷ (4 connections ÷ "
+            f"{remap['router_latency'] * 1000:g} ms) = "
+            f"{remap['rules_had_to_move'] * remap['router_latency'] / 4:.2f} s on the router; "
+            f"daemon CPU meanwhile "
+            f"{remap.get('daemon_cpu_during', 0):.0%} (emulators "
+            f"{remap.get('emulator_cpu_during', 0):.0%}); doublenat's own count: "
             f"{daemon.get('mappings', '?')} re-mapped in {daemon.get('seconds', '?')} s, "
             f"{daemon.get('moved', '?')} moved, {daemon.get('failed', '?')} failed "
             f"({daemon.get('retried', 0)} tried again at once)",
