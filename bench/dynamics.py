@@ -75,6 +75,14 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _run_delay(pid: int) -> float:
+    """Seconds the process has waited for a CPU while runnable (/proc/PID/schedstat)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _listen() -> str:
     return f"{LISTEN_HOST}:{procs.free_udp_port(LISTEN_HOST)}"
 
@@ -107,14 +115,23 @@ def phase_keepalive(quick: bool, workdir: Path) -> dict[str, Any]:
         created = _create(daemon, mappings)
         start = time.monotonic()
         emulators.reset()  # router calls and gateway requests within the window
-        pid = daemon.pid
+        pid, emulator_pid = daemon.pid, emulators.pids[0]
         cpu_start = previous = _cpu_seconds(pid)
         cpu_series = []
+        # Seconds each process waited for its CPU, per second: a second in which one of
+        # them was kept off its CPU (another program on a shared machine) shows as a dip
+        # in the gateway's count followed by the catch-up, a burst that is not doublenat's.
+        waits = {"daemon": [], "emulators": []}
+        last_wait = {"daemon": _run_delay(pid), "emulators": _run_delay(emulator_pid)}
         for second in range(1, int(seconds) + 1):
             time.sleep(max(0.0, start + second - time.monotonic()))
             now_cpu = _cpu_seconds(pid)
             cpu_series.append(round(now_cpu - previous, 3))
             previous = now_cpu
+            for name, who in (("daemon", pid), ("emulators", emulator_pid)):
+                waited = _run_delay(who)
+                waits[name].append(round(waited - last_wait[name], 3))
+                last_wait[name] = waited
         wall = time.monotonic() - start
         cpu = (previous - cpu_start) / wall
         status = emulators.control("series")
@@ -125,7 +142,7 @@ def phase_keepalive(quick: bool, workdir: Path) -> dict[str, Any]:
         emulators.stop()
     renewals = status["series"].get("renew", [])
     begin = math.ceil(start - t0)  # the first whole second after the last creation
-    end = begin + int(seconds)
+    end = math.floor(start - t0 + seconds)  # the last whole second watched, excluded
     window = _rates(renewals, begin, end)
     steady = _rates(renewals, begin + STEADY_AFTER, end)
     first_renewal = next((i for i, n in enumerate(renewals) if n), None)
@@ -144,6 +161,9 @@ def phase_keepalive(quick: bool, workdir: Path) -> dict[str, Any]:
         "first_renewal_second": first_renewal,
         "daemon_cpu": round(cpu, 4),
         "daemon_cpu_series": cpu_series,  # CPU seconds per second, from `begin` on
+        "run_queue_wait_series": waits,  # seconds kept off the CPU per second, likewise
+        "run_queue_wait_at_worst": {name: _around(series, window.get("worst_second"), begin)
+                                    for name, series in waits.items()},
         "daemon_rss_kib": rss,
         # Per second from the first creation (second 0 = the `watch` op), by kind.
         "series": status["series"],
@@ -154,6 +174,15 @@ def phase_keepalive(quick: bool, workdir: Path) -> dict[str, Any]:
         "router_commands_in_window": {k: v for k, v in counters["router"]["commands"].items()
                                       if k != "/login"},
     }
+
+
+def _around(series: list[float], second: int | None, begin: int) -> float | None:
+    """The most waited in the worst second and the two before it (the stall, then the
+    catch-up)."""
+    if second is None:
+        return None
+    picked = series[max(0, second - begin - 2):max(0, second - begin + 1)]
+    return max(picked) if picked else None
 
 
 def _rates(series: list[int], begin: int, end: int) -> dict[str, Any]:
@@ -418,7 +447,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"expected {keep['mappings']:,} ÷ (0.375 x {keep['lease']} s) = "
             f"{keep['expected_rate']:,.0f}/s; at the gateway at the end "
             f"{keep['gateway_present_at_end']:,} present, {lapsed} lapsed, {creates} "
-            f"re-created; {router_calls} router calls",
+            f"re-created; {router_calls} router calls"
+            + _stall(keep.get("run_queue_wait_at_worst")),
             "no second > 2x mean; none lapsed",
             _verdict(w["ratio"] is not None and w["ratio"] <= 2.0 and intact)))
         out.append((f"keep-alive: daemon CPU over those {w['seconds']} s "
@@ -460,6 +490,14 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"all re-requested ≤ {REMAP_TARGET:g} s; every rule that must follow moved",
             _verdict(ok)))
     return out
+
+
+def _stall(waits: dict[str, float | None] | None) -> str:
+    if not waits:
+        return ""
+    return ("; around the worst second the daemon waited "
+            f"{waits.get('daemon') or 0:.2f} s for its CPU, the emulators "
+            f"{waits.get('emulators') or 0:.2f} s")
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> Path | None:
