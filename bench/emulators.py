@@ -8,8 +8,13 @@ reachable from outside the network namespace the emulators may run in):
     {"op": "counters"}          router commands/writes/reads, gateway requests by kind, sizes
     {"op": "reset"}             zero both emulators' counters
     {"op": "latency", "seconds": 0.002}   the router's per-command latency from now on
+    {"op": "watch"} ...          bench.dynamics' ops (per-second series, reconnect, remap state)
 
     python -m bench.emulators --control /tmp/x.sock --password-file pw --router-latency 0.002
+
+The gateway is profile rfc with long lifetimes unless told otherwise (`--gateway-profile
+proton`, `--gateway-lifetime 60`, `--gateway-delay 0.02`: every reply held 20 ms in its own
+greenlet, the other requests still served meanwhile).
 
 Once listening it prints one JSON line: {"router": "ip:port", "gateway": "ip:port"}.
 
@@ -50,6 +55,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
+from bench.dynamics import EmulatorWatch
 from doublenat.lab.gateway import (
     MAX_PORT,
     MIN_PORT,
@@ -87,12 +93,14 @@ class BenchGateway(GatewayEmulator):
             self._port_of[key] = mapping.external_port
             self._by_port[mapping.external_port].add(key)
 
-    def expire(self) -> list[GatewayMapping]:
-        now = self._clock()
+    def _expire(self, now: float) -> list[GatewayMapping]:
+        # The lab's scan of the whole table runs on every request (and on every tick):
+        # here at most once per _SWEEP_EVERY. A lease that ran out and is renewed before
+        # the next sweep is renewed, not re-created (bench.dynamics counts such lapses).
         if now < self._next_sweep:
             return []
         self._next_sweep = now + _SWEEP_EVERY
-        return super().expire()
+        return super()._expire(now)
 
     def _pick_rfc(self, key: MappingKey, suggested: int, avoid: int | None) -> int | None:
         # The same rule as the lab's: a port is taken by another client whatever the
@@ -191,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", default="doublenat")
     parser.add_argument("--password-file", type=Path)
     parser.add_argument("--router-latency", type=float, default=0.0)
+    parser.add_argument("--gateway-profile", choices=("rfc", "proton"), default="rfc")
+    parser.add_argument("--gateway-lifetime", type=int, default=None,
+                        help="the gateway's longest lease (default: the profile's)")
+    parser.add_argument("--gateway-delay", type=float, default=0.0,
+                        help="seconds every gateway reply is held back")
     parser.add_argument("--hub-timers", action="store_true",
                         help="hold router latency with the lab's hub timers (ms resolution)")
     args = parser.parse_args(argv)
@@ -200,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     router = gateway = None
     ready: dict[str, str] = {}
     if args.part in ("gateway", "both"):
-        gateway = BenchGateway(*_endpoint(args.gateway), profile="rfc",
-                               public_address="11.22.33.44", transcript_size=16)
+        gateway = BenchGateway(*_endpoint(args.gateway), profile=args.gateway_profile,
+                               public_address="11.22.33.44", transcript_size=16,
+                               max_lifetime=args.gateway_lifetime)
+        gateway.set_delay(args.gateway_delay)
         gateway.start()
         ready["gateway"] = "{}:{}".format(*gateway.address)
     if args.part in ("router", "both"):
@@ -215,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                 nexthop=gateway_host)
         router.start()
         ready["router"] = "{}:{}".format(*router.address)
+    watch = EmulatorWatch(router, gateway)
 
     def counters() -> dict[str, object]:
         out: dict[str, object] = {}
@@ -269,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     reply = {"ok": True}
                 elif op == "holds":
                     reply = dict(holds())
+                elif op in watch.ops:
+                    reply = watch.ops[op](request)
                 elif op == "latency" and router is not None:
                     router.latency = float(request["seconds"])
                     reply = {"ok": True}

@@ -170,7 +170,8 @@ class Emulators:
 
     def __init__(self, workdir: Path, password: str, router_latency: float = 0.0,
                  cpu: int | None = CLIENT_CPU, netns: str | None = None,
-                 hub_timers: bool = False) -> None:
+                 hub_timers: bool = False, gateway_args: Sequence[str] = ()) -> None:
+        """`gateway_args`: bench.emulators' --gateway-* options (profile, lifetime, delay)."""
         self.workdir = workdir
         password_file = self.password_file = workdir / f"router-password-{uuid.uuid4().hex[:6]}"
         password_file.write_text(password)
@@ -178,7 +179,7 @@ class Emulators:
         # One process for both: in two, on the same CPU, the router answered no sooner.
         self.process = _EmulatorProcess(workdir, "both", [
             "--password-file", str(password_file), "--router-latency", str(router_latency),
-            *(["--hub-timers"] if hub_timers else [])], cpu, netns)
+            *(["--hub-timers"] if hub_timers else []), *gateway_args], cpu, netns)
         self.gateway: str = self.process.ready["gateway"]
         self.router: str = self.process.ready["router"]
 

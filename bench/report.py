@@ -214,6 +214,9 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     f"{shutdown['gateway_mappings_after']}, exit status "
                     f"{shutdown['exit_status']}", "≤ 5 s, nothing left",
                     _verdict(seconds is not None and seconds <= 5 and clean)))
+    from bench import dynamics  # keep-alive and re-mapping (issue #16)
+
+    out += dynamics.rows(results)
     return out
 
 

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import flame, procs, report
+from bench import dynamics, flame, procs, report
 from bench.procs import (
     CLIENT_ADDRESS,
     GW_ADDRESS,
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the daemon from this checkout (before/after comparisons)")
     parser.add_argument("--only", default=None,
                         help="comma list of phases to run: "
-                             "opcode0,create,scale,shutdown,flood")
+                             "opcode0,create,scale,shutdown,flood,keepalive,remap")
     args = parser.parse_args(argv)
     procs.NICE = args.nice
     if args.tree is not None:
@@ -618,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
             results["shutdown"] = phase_shutdown(budget, workdir)
         if wanted("flood"):
             results["flood"] = phase_flood(budget, workdir)
+        if wanted("keepalive"):  # bench/dynamics.py: issue #16
+            results["keepalive"] = dynamics.phase_keepalive(budget.quick, workdir)
+        if wanted("remap"):
+            results["remap"] = dynamics.phase_remap(budget.quick, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if profiles is not None:
@@ -630,8 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text(table)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     png = report.plot(results, args.out / "latency_vs_mappings.png")
+    keepalive_png = dynamics.plot(results, args.out)
     log(f"done in {results['seconds']:.0f} s; wrote {args.out}/table.md, results.json"
-        + (f", {png.name}" if png else ""))
+        + (f", {png.name}" if png else "") + (f", {keepalive_png.name}" if keepalive_png else ""))
     return 0
 
 

@@ -50,11 +50,13 @@ class UpstreamState:
         self.generation = 0
         self.losses = 0
         self.last_answer_at: float | None = None  # any valid reply from the gateway
+        self.answers = 0  # valid replies so far
         self.epoch: int | None = None
 
     def saw_epoch(self, epoch: int) -> None:
         now = self._clock()
         self.last_answer_at = now
+        self.answers += 1
         self.epoch = epoch
         last = self._last_epoch
         self._last_epoch = (epoch, now)

@@ -6,12 +6,19 @@ per mapping, one greenlet sleeping until the earliest is due. Each renewal is pl
 a fraction of the upstream lease drawn in [1/4, 1/2] from a hash of the mapping and the
 grant's time, so mappings created (or re-mapped) together spread out instead of coming
 back as a herd, and the spread persists. A mapping that ended is skipped when popped.
+The loop wakes at most every KEEPALIVE_TICK and sends everything due by then: waking
+once per renewal (hundreds a second with 10,000 mappings on a 60 s lease) cost the hub
+three times the CPU of the renewals themselves (bench/dynamics.py).
 
 Re-mapping (SPEC §5.2): when the gateway shows it lost its mappings (its epoch went back
 or its address changed, seen in any reply or in the opcode-0 probe every
 UPSTREAM_PROBE_INTERVAL), every live mapping is asked for again
-at once, `REMAP_PARALLEL` at a time; one that fails is retried by the keep-alive
-schedule until its lifetime ends, never dropped.
+at once, `REMAP_PARALLEL` at a time. Those that failed while the gateway was answering
+are asked for once more as soon as the pass is over: in `external` mode the gateway may
+give a mapping the port another of ours held before the loss, and while that one's own
+re-map is still in flight its rule can be neither parked nor moved, so the first try
+fails; once every re-map has finished it succeeds. One that still fails is retried by
+the keep-alive schedule until its lifetime ends, never dropped.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ log = logging.getLogger("doublenat.upkeep")
 
 REMAP_PARALLEL = 64
 KEEPALIVE_PARALLEL = 32
+KEEPALIVE_TICK = 0.1  # a renewal may be this late: nothing against 15-30 s of a 60 s lease
 RETRY_AFTER = 5.0  # a failed renewal is tried again this much later (or sooner)
 JANITOR_TICK = 1.0
 FLUSH_EVERY = 10.0  # retries of removals and upstream deletes that failed
@@ -155,7 +163,7 @@ class Upkeep:
             due = self.schedule.next_due()
             wait = None if due is None else max(0.0, due - self.clock())
             if wait is None or wait > 0:
-                self._wake.wait(wait)
+                self._wake.wait(None if wait is None else max(wait, KEEPALIVE_TICK))
                 continue
             for key in self.schedule.pop_due(self.clock()):
                 pool.spawn(self._renew, key, "keep-alive")  # blocks while the pool is full
@@ -191,7 +199,15 @@ class Upkeep:
             return
         started = self.clock()
         changes_before = self.mapper.counters["port_changes"]
-        results = Pool(REMAP_PARALLEL).map(lambda k: self._renew(k, "upstream lost"), stale)
+        answers = self.mapper.upstream.answers
+        pool = Pool(REMAP_PARALLEL)
+        results = pool.map(lambda k: self._renew(k, "upstream lost"), stale)
+        again = [i for i, r in enumerate(results) if r is False]
+        if again and self.mapper.upstream.answers > answers:
+            # (Not when the gateway is silent: the keep-alive retries pace those.)
+            for i, result in zip(again, pool.map(
+                    lambda i: self._renew(stale[i], "upstream lost"), again), strict=True):
+                results[i] = result
         failed = sum(1 for r in results if r is False)
         if failed and not self.keepalive:
             # Without keep-alive nobody else would try again before the client does.
@@ -201,11 +217,11 @@ class Upkeep:
         self.remaps += 1
         self.last_remap = {"mappings": len(stale), "seconds": self.clock() - started,
                            "moved": self.mapper.counters["port_changes"] - changes_before,
-                           "failed": failed}
+                           "failed": failed, "retried": len(again)}
         log.warning("re-mapped after an upstream loss", extra=mapping_fields(
             "upstream.remapped", None, None, {
                 "mappings": len(stale), "seconds": round(self.clock() - started, 3),
-                "moved": self.last_remap["moved"], "failed": failed}))
+                "moved": self.last_remap["moved"], "failed": failed, "retried": len(again)}))
 
     # ------------------------------------------------------------------ probe
 

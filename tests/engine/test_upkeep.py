@@ -4,10 +4,13 @@ mappings and mapping-change events: the engine's timers over fakes and a fake cl
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from ipaddress import IPv4Address
 
+import gevent
 import pytest
+from gevent.event import Event
 
 from doublenat.engine.address import STALE_FOR, AddressService
 from doublenat.engine.contracts import GatewayError
@@ -261,3 +264,71 @@ def test_keepalive_of_many_mappings_with_random_client_renewals(seed: int) -> No
         for lease in engine.mapper.leases.values():
             assert lease.upstream_expires_at > engine.clock(), f"seed {seed}"
     rules_match_leases(engine.mapper, engine.router)
+
+
+def test_a_remap_blocked_by_a_mapping_still_being_remapped_is_tried_again_at_once() -> None:
+    """Found by the bench (bench/dynamics.py, issue 16): after a reconnect the gateway
+    gives A the port B held before. While B's own re-map is waiting for the gateway its
+    rule cannot be parked, so A's rule cannot move there and A's re-map fails; before the
+    fix A's rule stayed on its dead port until the keep-alive retry 5 s later (2 of 1,000
+    rules on every bench run, the last moved 5.1-5.5 s after the loss)."""
+    engine = Engine(port_mode="external")
+    engine.gateway.proton = True
+    engine.map(A, 5000, proto=Proto.UDP)
+    b_port = engine.map(B, 6000, proto=Proto.UDP)
+    a_key, b_key = MappingKey(A, Proto.UDP, 5000), MappingKey(B, Proto.UDP, 6000)
+    a_up = engine.mapper.leases[a_key].upstream_port
+    b_up = engine.mapper.leases[b_key].upstream_port
+    # A reconnect: epoch 0, A gets B's old port, B a new one; the gateway answers after
+    # a moment, so both re-maps are in flight together (A's answer first).
+    engine.gateway.epoch = 0
+    engine.gateway.mappings = {(Proto.UDP, a_up): b_port, (Proto.UDP, b_up): 50001}
+    engine.gateway.delay = 0.01
+    engine.addresses.refresh()
+    assert engine.lost == ["epoch"]
+    engine.upkeep.remap()
+    report = engine.upkeep.last_remap
+    assert report is not None and report["failed"] == 0, report
+    assert engine.mapper.leases[a_key].external_port == b_port
+    assert engine.mapper.leases[b_key].external_port == 50001
+    assert not any(lease.parked for lease in engine.mapper.leases.values())
+    rules_match_leases(engine.mapper, engine.router)
+
+
+class _CountingEvent:
+    def __init__(self) -> None:
+        self.event, self.waits = Event(), 0
+
+    def clear(self) -> None:
+        self.event.clear()
+
+    def set(self) -> None:
+        self.event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return self.event.wait(timeout)
+
+
+def test_keepalive_wakes_in_ticks_not_once_per_renewal() -> None:
+    """Found by the bench (bench/dynamics.py, issue 16): with 10,000 mappings on a 60 s
+    lease, ~440 renewals a second, the keep-alive loop woke the hub once per renewal (a
+    timer of a few milliseconds each time); the daemon spent 18-21% of a core on
+    keep-alive. Waking every KEEPALIVE_TICK and sending all that is due costs a third
+    of that, and a renewal is at most a tick late (against 15-30 s of a 60 s lease)."""
+    engine = Engine()
+    upkeep = engine.upkeep
+    upkeep.clock = time.monotonic
+    renewed: list[MappingKey] = []
+    upkeep._renew = lambda key, why: renewed.append(key)  # type: ignore[method-assign]
+    wake = _CountingEvent()
+    upkeep._wake = wake  # type: ignore[assignment]
+    start = time.monotonic()
+    keys = [MappingKey(IPv4Address(0x0A000000 + i), Proto.UDP, 5000) for i in range(200)]
+    for i, key in enumerate(keys):
+        upkeep.schedule.plan(key, start + 0.5 * i / len(keys))  # 400 a second
+    loop = gevent.spawn(upkeep._keepalive_loop)
+    gevent.sleep(0.5 + 0.25)
+    loop.kill()
+    assert sorted(renewed) == sorted(keys)  # every one renewed, none twice
+    assert wake.waits <= 0.75 / 0.1 + 5, wake.waits
