@@ -4,6 +4,10 @@ Concurrent requests share one upstream query and a recent answer is reused for a
 while (TTL, 10 s), so a burst of opcode-0 requests (natpmpc sends one before every
 mapping) costs the gateway one round trip.
 
+While requests keep coming, the address is refreshed in the background a little before
+the TTL runs out (REFRESH_AHEAD), so a steady stream of opcode-0 requests keeps being
+answered from a fresh cache and never waits for the gateway.
+
 Once the cache is older than that, the last known address is still served at once
 while a refresh runs in the background, as long as no upstream loss was seen since it
 was learned and the gateway answered anything within STALE_FOR (120 s); a refresh that
@@ -31,6 +35,8 @@ log = logging.getLogger("doublenat.address")
 
 DEFAULT_TTL = 10.0
 STALE_FOR = 120.0
+# Fraction of the TTL after which a request starts a background refresh.
+REFRESH_AHEAD = 0.8
 _RETRY_EVERY = 2.0
 
 
@@ -58,6 +64,25 @@ class AddressService:
         if cached is None:
             return False
         return self.clock() - cached[0] < self.ttl - margin or self._stale_ok(margin)
+
+    def fresh(self, now: float, margin: float = 0.0) -> IPv4Address | None:
+        """The cached address while it is younger than the TTL (for `margin` seconds
+        more at least), else None; `now` is a reading of `clock`.
+
+        The hot path of opcode 0: no lookup, no stale rules. Past REFRESH_AHEAD of the
+        TTL it starts the background refresh, so under steady load it never says None.
+        """
+        cached = self._cached
+        if cached is None:
+            return None
+        age = now - cached[0]
+        if age < self.ttl * REFRESH_AHEAD:
+            return cached[1]
+        if age >= self.ttl - margin:
+            return None
+        if self._retrier is None:
+            self._retrier = gevent.spawn(self._retry)
+        return cached[1]
 
     def lookup(self) -> tuple[Result, IPv4Address]:
         cached = self._cached

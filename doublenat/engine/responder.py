@@ -7,6 +7,10 @@ which calls `answer`.
 Requests that cannot wait on anything (a malformed datagram, another version, an unknown
 opcode, opcode 0 while the address is cached) are answered by `answer_now` right where
 the front reads them, without a handler greenlet; the rest go to a handler (`answer`).
+
+Opcode 0 with a fresh address is the hot path (natpmpc asks it before every mapping, and
+floods are mostly it): its 12 bytes depend only on the epoch second and the address, so
+they are packed once per second and reused, without parsing or reply objects.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from doublenat.protocol.natpmp import (
     AddressRequest,
     MapReply,
     MapRequest,
+    Opcode,
     Reply,
     Result,
     UnknownOpcodeRequest,
@@ -44,6 +49,8 @@ LATER: tuple[bool, bytes | None] = (False, None)
 _ADMIT_CACHE = 4096
 _DENIED, _NOT_IPV4 = "denied", "not IPv4"
 _CACHE_MARGIN = 0.05  # seconds
+_ADDRESS_REQUEST = b"\x00\x00"  # version 0, opcode 0 (longer datagrams: the rest ignored)
+_ADDRESS_SUCCESS = f"op{int(Opcode.ADDRESS)}.result{int(Result.SUCCESS)}"  # as _count names it
 
 
 class Responder:
@@ -64,6 +71,8 @@ class Responder:
         self.counts: Counter[str] = Counter()  # "op<N>.result<R>", "denied", "dropped", ...
         self._sources: dict[str, IPv4Address | str] = {}  # host -> client or a refusal
         self._count_keys: dict[tuple[int, int], str] = {}
+        # The last opcode-0 success packed: (epoch second, address, reply bytes).
+        self._address_reply: tuple[int, IPv4Address, bytes] | None = None
 
     def allowed(self, client: IPv4Address) -> bool:
         value = int(client)
@@ -105,10 +114,16 @@ class Responder:
 
         Safe to call from the event loop itself: nothing on the (True, ...) path yields.
         """
+        if data[:2] == _ADDRESS_REQUEST:
+            reply = self._fresh_address_reply()
+            if reply is not None:
+                self.counts[_ADDRESS_SUCCESS] += 1
+                return True, reply
+            if not self.addresses.cached(_CACHE_MARGIN):
+                return LATER
+            return True, self.answer(data, client)  # stale but servable
         if len(data) >= 2 and data[0] == 0:
             opcode = data[1]
-            if opcode == 0 and not self.addresses.cached(_CACHE_MARGIN):
-                return LATER
             if opcode in (1, 2):
                 request = parse_request(data)
                 if not isinstance(request, MapRequest):
@@ -118,6 +133,21 @@ class Responder:
                     return LATER
                 return True, self._count(data, self._map_reply(request, outcome))
         return True, self.answer(data, client)
+
+    def _fresh_address_reply(self) -> bytes | None:
+        """Opcode 0's success reply while the cached address is fresh, else None."""
+        now = self.epoch.clock()
+        address = self.addresses.fresh(now, _CACHE_MARGIN)
+        if address is None:
+            return None
+        seconds = self.epoch.seconds(now)
+        last = self._address_reply
+        # The bytes are a function of (second, address) alone, so reuse is always exact.
+        if last is not None and last[0] == seconds and last[1] is address:
+            return last[2]
+        reply = pack_reply(AddressReply(seconds, Result.SUCCESS, address))
+        self._address_reply = (seconds, address, reply)
+        return reply
 
     def answer(self, data: bytes, client: IPv4Address) -> bytes | None:
         request = parse_request(data)
