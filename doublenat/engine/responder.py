@@ -71,8 +71,10 @@ class Responder:
         self.counts: Counter[str] = Counter()  # "op<N>.result<R>", "denied", "dropped", ...
         self._sources: dict[str, IPv4Address | str] = {}  # host -> client or a refusal
         self._count_keys: dict[tuple[int, int], str] = {}
-        # The last opcode-0 success packed: (epoch second, address, reply bytes).
-        self._address_reply: tuple[int, IPv4Address, bytes] | None = None
+        # The last opcode-0 success packed: (valid until, address cache's `changes`,
+        # epoch start, reply bytes); valid until the epoch second or the address's
+        # freshness ends, whichever is first.
+        self._address_reply: tuple[float, int, float, bytes] = (float("-inf"), -1, 0.0, b"")
 
     def allowed(self, client: IPv4Address) -> bool:
         value = int(client)
@@ -115,7 +117,11 @@ class Responder:
         Safe to call from the event loop itself: nothing on the (True, ...) path yields.
         """
         if data[:2] == _ADDRESS_REQUEST:
-            reply = self._fresh_address_reply()
+            now = self.epoch.clock()
+            until, changes, started, reply = self._address_reply
+            if (now >= until or changes != self.addresses.changes
+                    or started != self.epoch.started):
+                reply = self._pack_address_reply(now)
             if reply is not None:
                 self.counts[_ADDRESS_SUCCESS] += 1
                 return True, reply
@@ -134,19 +140,18 @@ class Responder:
                 return True, self._count(data, self._map_reply(request, outcome))
         return True, self.answer(data, client)
 
-    def _fresh_address_reply(self) -> bytes | None:
+    def _pack_address_reply(self, now: float) -> bytes | None:
         """Opcode 0's success reply while the cached address is fresh, else None."""
-        now = self.epoch.clock()
-        address = self.addresses.fresh(now, _CACHE_MARGIN)
-        if address is None:
+        fresh = self.addresses.fresh(now, _CACHE_MARGIN)
+        if fresh is None:
             return None
+        address, until = fresh
         seconds = self.epoch.seconds(now)
-        last = self._address_reply
-        # The bytes are a function of (second, address) alone, so reuse is always exact.
-        if last is not None and last[0] == seconds and last[1] is address:
-            return last[2]
         reply = pack_reply(AddressReply(seconds, Result.SUCCESS, address))
-        self._address_reply = (seconds, address, reply)
+        # The bytes depend on the epoch second and the address alone.
+        second_ends = self.epoch.started + seconds + 1
+        self._address_reply = (min(until, second_ends), self.addresses.changes,
+                               self.epoch.started, reply)
         return reply
 
     def answer(self, data: bytes, client: IPv4Address) -> bytes | None:

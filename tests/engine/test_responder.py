@@ -164,17 +164,20 @@ def test_opcode_zero_past_the_ttl_is_still_answered_inline_from_the_stale_addres
 def test_a_steady_stream_refreshes_the_address_before_it_expires() -> None:
     responder, _, _, gateway, clock = make_responder()
     ask = pack_request(AddressRequest())
+    clock.advance(0.5)  # the refresh point falls inside an epoch second
     responder.answer(ask, A)
-    clock.advance(DEFAULT_TTL * REFRESH_AHEAD - 0.1)
-    responder.answer_now(ask, A)
+    clock.advance(DEFAULT_TTL * REFRESH_AHEAD - 0.3)
+    _, first = responder.answer_now(ask, A)
     gevent.sleep(0)
     assert gateway.calls["address"] == 1  # still young: no refresh
-    clock.advance(0.2)
-    done, _ = responder.answer_now(ask, A)
+    clock.advance(0.4)  # the same epoch second, but past the refresh point
+    done, again = responder.answer_now(ask, A)
+    assert done and again == first
     gevent.sleep(0)
-    assert done and gateway.calls["address"] == 2  # refreshed in the background
+    assert gateway.calls["address"] == 2  # refreshed in the background
     clock.advance(DEFAULT_TTL * REFRESH_AHEAD - 0.1)
-    assert responder.addresses.fresh(clock()) == gateway.address  # fresh from the refresh
+    fresh = responder.addresses.fresh(clock())
+    assert fresh is not None and fresh[0] == gateway.address  # young again
 
 
 def test_fresh_is_none_without_an_address_or_past_the_ttl() -> None:
@@ -182,8 +185,18 @@ def test_fresh_is_none_without_an_address_or_past_the_ttl() -> None:
     addresses = responder.addresses
     assert addresses.fresh(clock()) is None
     addresses.refresh()
-    assert addresses.fresh(clock()) == gateway.address
+    assert addresses.fresh(clock()) == (gateway.address, clock() + DEFAULT_TTL * REFRESH_AHEAD)
     gateway.delay = 1.0  # the background refresh started below does not answer in time
     assert addresses.fresh(clock() + DEFAULT_TTL - 0.01, margin=0.05) is None
-    assert addresses.fresh(clock() + DEFAULT_TTL - 0.1, margin=0.05) == gateway.address
+    expires = clock() + DEFAULT_TTL - 0.05
+    assert addresses.fresh(clock() + DEFAULT_TTL - 0.1, margin=0.05) == (gateway.address, expires)
     addresses.close()
+
+
+def test_a_forgotten_address_is_not_served_from_the_packed_reply() -> None:
+    responder, *_ = make_responder()
+    ask = pack_request(AddressRequest())
+    responder.answer(ask, A)
+    assert responder.answer_now(ask, A)[0]
+    responder.addresses.forget()  # e.g. the gateway said its address is gone
+    assert responder.answer_now(ask, A) == LATER
