@@ -10,7 +10,8 @@ the front reads them, without a handler greenlet; the rest go to a handler (`ans
 
 Opcode 0 with a fresh address is the hot path (natpmpc asks it before every mapping, and
 floods are mostly it): its 12 bytes depend only on the epoch second and the address, so
-they are packed once per second and reused, without parsing or reply objects.
+they are packed at most once per second and reused (no parsing, no reply objects) until
+the second ends, the address changes or reaches its refresh point, or the epoch restarts.
 """
 
 from __future__ import annotations
