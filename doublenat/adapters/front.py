@@ -68,9 +68,14 @@ class NatPmpServer(DatagramServer):
         self._busy: dict[IPv4Address, int] = {}  # handlers held per client
 
     def do_read(self) -> tuple[bytes, IPv4Address, tuple[str, int]] | None:
-        """The next request that needs a handler; the others are dropped or answered here."""
-        recvfrom = self._socket.recvfrom
-        responder = self.responder
+        """The next request that needs a handler; the others are dropped or answered here.
+
+        Reads until the socket is empty or _MAX_INLINE datagrams were handled: one wake-up
+        of the loop then serves a whole burst.
+        """
+        sock = self._socket
+        recvfrom, sendto = sock.recvfrom, sock.sendto
+        admit, answer_now = self.responder.admit, self.responder.answer_now
         for _ in range(_MAX_INLINE):
             try:
                 data, source = recvfrom(_MAX_DATAGRAM)
@@ -78,11 +83,11 @@ class NatPmpServer(DatagramServer):
                 if exc.errno in _WOULD_BLOCK:
                     return None
                 raise
-            client = responder.admit(source)
+            client = admit(source)
             if client is None:
                 continue
             try:
-                done, reply = responder.answer_now(data, client)
+                done, reply = answer_now(data, client)
             except Exception:
                 self._failed(data, source)
                 continue
@@ -94,18 +99,19 @@ class NatPmpServer(DatagramServer):
                 self._busy[client] = held + 1
                 return data, client, source
             if reply is not None:
-                self._send_now(reply, source)
+                # sendto inline, not through a helper: this is the per-datagram path.
+                try:
+                    sendto(reply, source)
+                except OSError as exc:
+                    self._send_failed(exc, reply, source)
         return None
 
-    def _send_now(self, reply: bytes, source: tuple[str, int]) -> None:
-        try:
-            self._socket.sendto(reply, source)
-        except OSError as exc:
-            if exc.errno not in _WOULD_BLOCK:
-                self._failed(reply, source)
-                return
-            # The send buffer is full: a greenlet waits for room instead of the loop.
-            gevent.spawn(self._send_later, reply, source)
+    def _send_failed(self, exc: OSError, reply: bytes, source: tuple[str, int]) -> None:
+        if exc.errno not in _WOULD_BLOCK:
+            self._failed(reply, source)
+            return
+        # The send buffer is full: a greenlet waits for room instead of the loop.
+        gevent.spawn(self._send_later, reply, source)
 
     def _send_later(self, reply: bytes, source: tuple[str, int]) -> None:
         try:

@@ -4,6 +4,10 @@ Concurrent requests share one upstream query and a recent answer is reused for a
 while (TTL, 10 s), so a burst of opcode-0 requests (natpmpc sends one before every
 mapping) costs the gateway one round trip.
 
+While requests keep coming, the address is refreshed in the background a little before
+the TTL runs out (REFRESH_AHEAD), so a steady stream of opcode-0 requests keeps being
+answered from a fresh cache and never waits for the gateway.
+
 Once the cache is older than that, the last known address is still served at once
 while a refresh runs in the background, as long as no upstream loss was seen since it
 was learned and the gateway answered anything within STALE_FOR (120 s); a refresh that
@@ -31,6 +35,8 @@ log = logging.getLogger("doublenat.address")
 
 DEFAULT_TTL = 10.0
 STALE_FOR = 120.0
+# Fraction of the TTL after which a request starts a background refresh.
+REFRESH_AHEAD = 0.8
 _RETRY_EVERY = 2.0
 
 
@@ -48,6 +54,7 @@ class AddressService:
         self.ttl = ttl
         # (when, address, upstream generation it was learned in)
         self._cached: tuple[float, IPv4Address, int] | None = None
+        self.changes = 0  # grows whenever the cache is set or dropped
         self._retrier: gevent.Greenlet | None = None
         self._joiner: Joiner[str, tuple[Result, IPv4Address]] = Joiner()
         self.queries = 0
@@ -58,6 +65,27 @@ class AddressService:
         if cached is None:
             return False
         return self.clock() - cached[0] < self.ttl - margin or self._stale_ok(margin)
+
+    def fresh(self, now: float, margin: float = 0.0) -> tuple[IPv4Address, float] | None:
+        """(address, until) while the cached address is younger than the TTL (for
+        `margin` seconds more at least), else None; `now` is a reading of `clock`.
+
+        The hot path of opcode 0: no lookup, no stale rules. Until `until` (and while
+        `changes` stays the same) the answer would be the same with nothing to do, so a
+        caller may keep it. Past REFRESH_AHEAD of the TTL it starts the background
+        refresh, so under steady load the address never ages past the TTL.
+        """
+        cached = self._cached
+        if cached is None:
+            return None
+        ahead, expires = cached[0] + self.ttl * REFRESH_AHEAD, cached[0] + self.ttl - margin
+        if now < ahead:
+            return cached[1], ahead
+        if now >= expires:
+            return None
+        if self._retrier is None:
+            self._retrier = gevent.spawn(self._retry)
+        return cached[1], expires
 
     def lookup(self) -> tuple[Result, IPv4Address]:
         cached = self._cached
@@ -86,10 +114,10 @@ class AddressService:
             return Result.NETWORK_FAILURE, NO_ADDRESS
         self.upstream.saw_epoch(answer.epoch)
         if answer.result != Result.SUCCESS:
-            self._cached = None
+            self._set(None)
             return answer.result, NO_ADDRESS
         self.upstream.saw_address(answer.address)
-        self._cached = (self.clock(), answer.address, self.upstream.generation)
+        self._set((self.clock(), answer.address, self.upstream.generation))
         return Result.SUCCESS, answer.address
 
     def _retry(self) -> None:
@@ -103,8 +131,12 @@ class AddressService:
         finally:
             self._retrier = None
 
+    def _set(self, cached: tuple[float, IPv4Address, int] | None) -> None:
+        self._cached = cached
+        self.changes += 1
+
     def forget(self) -> None:
-        self._cached = None
+        self._set(None)
 
     def close(self) -> None:
         if self._retrier is not None:

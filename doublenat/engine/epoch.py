@@ -27,14 +27,15 @@ Shown = Literal["epoch", "address"]
 
 class Epoch:
     def __init__(self, clock: Clock) -> None:
-        self._clock = clock
-        self._start = clock()
+        self.clock = clock
+        self.started = clock()  # a reading of `clock`; moves forward on reset
 
-    def seconds(self) -> int:
-        return int(self._clock() - self._start)
+    def seconds(self, now: float | None = None) -> int:
+        """Seconds since the epoch began, at `now` (a reading of `clock`) or now."""
+        return int((self.clock() if now is None else now) - self.started)
 
     def reset(self) -> None:
-        self._start = self._clock()
+        self.started = self.clock()
 
 
 class UpstreamState:

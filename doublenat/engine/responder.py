@@ -7,6 +7,11 @@ which calls `answer`.
 Requests that cannot wait on anything (a malformed datagram, another version, an unknown
 opcode, opcode 0 while the address is cached) are answered by `answer_now` right where
 the front reads them, without a handler greenlet; the rest go to a handler (`answer`).
+
+Opcode 0 with a fresh address is the hot path (natpmpc asks it before every mapping, and
+floods are mostly it): its 12 bytes depend only on the epoch second and the address, so
+they are packed at most once per second and reused (no parsing, no reply objects) until
+the second ends, the address changes or reaches its refresh point, or the epoch restarts.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from doublenat.protocol.natpmp import (
     AddressRequest,
     MapReply,
     MapRequest,
+    Opcode,
     Reply,
     Result,
     UnknownOpcodeRequest,
@@ -44,6 +50,8 @@ LATER: tuple[bool, bytes | None] = (False, None)
 _ADMIT_CACHE = 4096
 _DENIED, _NOT_IPV4 = "denied", "not IPv4"
 _CACHE_MARGIN = 0.05  # seconds
+_ADDRESS_REQUEST = b"\x00\x00"  # version 0, opcode 0 (longer datagrams: the rest ignored)
+_ADDRESS_SUCCESS = f"op{int(Opcode.ADDRESS)}.result{int(Result.SUCCESS)}"  # as _count names it
 
 
 class Responder:
@@ -64,6 +72,10 @@ class Responder:
         self.counts: Counter[str] = Counter()  # "op<N>.result<R>", "denied", "dropped", ...
         self._sources: dict[str, IPv4Address | str] = {}  # host -> client or a refusal
         self._count_keys: dict[tuple[int, int], str] = {}
+        # The last opcode-0 success packed: (valid until, address cache's `changes`,
+        # epoch start, reply bytes); valid until the epoch second or the address's
+        # freshness ends, whichever is first.
+        self._address_reply: tuple[float, int, float, bytes] = (float("-inf"), -1, 0.0, b"")
 
     def allowed(self, client: IPv4Address) -> bool:
         value = int(client)
@@ -105,10 +117,20 @@ class Responder:
 
         Safe to call from the event loop itself: nothing on the (True, ...) path yields.
         """
+        if data[:2] == _ADDRESS_REQUEST:
+            now = self.epoch.clock()
+            until, changes, started, reply = self._address_reply
+            if (now >= until or changes != self.addresses.changes
+                    or started != self.epoch.started):
+                reply = self._pack_address_reply(now)
+            if reply is not None:
+                self.counts[_ADDRESS_SUCCESS] += 1
+                return True, reply
+            if not self.addresses.cached(_CACHE_MARGIN):
+                return LATER
+            return True, self.answer(data, client)  # stale but servable
         if len(data) >= 2 and data[0] == 0:
             opcode = data[1]
-            if opcode == 0 and not self.addresses.cached(_CACHE_MARGIN):
-                return LATER
             if opcode in (1, 2):
                 request = parse_request(data)
                 if not isinstance(request, MapRequest):
@@ -118,6 +140,20 @@ class Responder:
                     return LATER
                 return True, self._count(data, self._map_reply(request, outcome))
         return True, self.answer(data, client)
+
+    def _pack_address_reply(self, now: float) -> bytes | None:
+        """Opcode 0's success reply while the cached address is fresh, else None."""
+        fresh = self.addresses.fresh(now, _CACHE_MARGIN)
+        if fresh is None:
+            return None
+        address, until = fresh
+        seconds = self.epoch.seconds(now)
+        reply = pack_reply(AddressReply(seconds, Result.SUCCESS, address))
+        # The bytes depend on the epoch second and the address alone.
+        second_ends = self.epoch.started + seconds + 1
+        self._address_reply = (min(until, second_ends), self.addresses.changes,
+                               self.epoch.started, reply)
+        return reply
 
     def answer(self, data: bytes, client: IPv4Address) -> bytes | None:
         request = parse_request(data)

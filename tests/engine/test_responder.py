@@ -6,11 +6,13 @@ from ipaddress import IPv4Address, IPv4Network
 
 import gevent
 
-from doublenat.engine.address import AddressService
+from doublenat.engine.address import DEFAULT_TTL, REFRESH_AHEAD, STALE_FOR, AddressService
+from doublenat.engine.contracts import GatewayError
 from doublenat.engine.epoch import Epoch
 from doublenat.engine.ratelimit import RateLimiter
 from doublenat.engine.responder import LATER, Responder
 from doublenat.protocol.natpmp import (
+    AddressReply,
     AddressRequest,
     MapReply,
     MapRequest,
@@ -99,3 +101,102 @@ def test_a_renewal_of_a_busy_mapping_waits_for_a_handler() -> None:
     gevent.sleep(0.01)  # the delete holds the mapping's lock
     assert responder.answer_now(pack_request(request), A) == LATER
     deleting.join()
+
+
+def test_opcode_zero_reply_is_packed_once_per_epoch_second() -> None:
+    responder, _, _, gateway, clock = make_responder()
+    ask = pack_request(AddressRequest())
+    first = responder.answer(ask, A)
+    done, again = responder.answer_now(ask, A)
+    assert done and again == first
+    _, same = responder.answer_now(ask + b"extra", A)  # bytes past the opcode: ignored
+    assert same is again  # the very bytes, not packed again
+    clock.advance(1)
+    _, later = responder.answer_now(ask, A)
+    assert later != again
+    reply = parse_reply(later or b"")
+    assert isinstance(reply, AddressReply) and reply.epoch == 1
+    assert reply.result == Result.SUCCESS and reply.address == gateway.address
+    assert responder.counts["op0.result0"] == 4  # the inline answers are counted too
+
+
+def test_opcode_zero_reply_follows_a_new_address() -> None:
+    responder, _, _, gateway, _ = make_responder()
+    ask = pack_request(AddressRequest())
+    responder.answer(ask, A)
+    _, before = responder.answer_now(ask, A)
+    gateway.address = IPv4Address("11.22.33.55")
+    responder.addresses.refresh()  # the probe learns the new address
+    _, after = responder.answer_now(ask, A)
+    reply = parse_reply(after or b"")
+    assert isinstance(reply, AddressReply) and str(reply.address) == "11.22.33.55"
+    assert reply.epoch == responder.epoch.seconds() and after != before
+
+
+def test_opcode_zero_reply_follows_an_epoch_reset() -> None:
+    responder, _, _, _, clock = make_responder()
+    ask = pack_request(AddressRequest())
+    responder.answer(ask, A)
+    clock.advance(5)
+    _, before = responder.answer_now(ask, A)
+    responder.epoch.reset()
+    _, after = responder.answer_now(ask, A)
+    reply = parse_reply(after or b"")
+    assert isinstance(reply, AddressReply) and reply.epoch == 0 and after != before
+
+
+def test_opcode_zero_past_the_ttl_is_still_answered_inline_from_the_stale_address() -> None:
+    responder, _, _, gateway, clock = make_responder()
+    ask = pack_request(AddressRequest())
+    responder.answer(ask, A)
+    gateway.fail_always = GatewayError("silent")
+    clock.advance(DEFAULT_TTL + 1)
+    done, raw = responder.answer_now(ask, A)
+    reply = parse_reply(raw or b"")
+    assert done and isinstance(reply, AddressReply) and reply.result == Result.SUCCESS
+    gevent.sleep(0)  # the background refresh runs (and fails: the gateway is silent)
+    assert gateway.calls["address"] == 2
+    clock.advance(STALE_FOR)
+    assert responder.answer_now(ask, A) == LATER  # too stale: a handler asks upstream
+    responder.addresses.close()
+
+
+def test_a_steady_stream_refreshes_the_address_before_it_expires() -> None:
+    responder, _, _, gateway, clock = make_responder()
+    ask = pack_request(AddressRequest())
+    clock.advance(0.5)  # the refresh point falls inside an epoch second
+    responder.answer(ask, A)
+    clock.advance(DEFAULT_TTL * REFRESH_AHEAD - 0.3)
+    _, first = responder.answer_now(ask, A)
+    gevent.sleep(0)
+    assert gateway.calls["address"] == 1  # still young: no refresh
+    clock.advance(0.4)  # the same epoch second, but past the refresh point
+    done, again = responder.answer_now(ask, A)
+    assert done and again == first
+    gevent.sleep(0)
+    assert gateway.calls["address"] == 2  # refreshed in the background
+    clock.advance(DEFAULT_TTL * REFRESH_AHEAD - 0.1)
+    fresh = responder.addresses.fresh(clock())
+    assert fresh is not None and fresh[0] == gateway.address  # young again
+
+
+def test_fresh_is_none_without_an_address_or_past_the_ttl() -> None:
+    responder, _, _, gateway, clock = make_responder()
+    addresses = responder.addresses
+    assert addresses.fresh(clock()) is None
+    addresses.refresh()
+    assert addresses.fresh(clock()) == (gateway.address, clock() + DEFAULT_TTL * REFRESH_AHEAD)
+    gateway.delay = 1.0  # the background refresh started below does not answer in time
+    assert addresses.fresh(clock() + DEFAULT_TTL - 0.01, margin=0.05) is None
+    expires = clock() + DEFAULT_TTL - 0.05
+    assert addresses.fresh(clock() + DEFAULT_TTL - 0.1, margin=0.05) == (gateway.address, expires)
+    addresses.close()
+
+
+def test_a_forgotten_address_is_not_served_from_the_packed_reply() -> None:
+    responder, *_ = make_responder()
+    ask = pack_request(AddressRequest())
+    responder.answer(ask, A)
+    assert responder.answer_now(ask, A)[0]
+    responder.addresses.forget()  # e.g. the gateway said its address is gone
+    assert responder.answer_now(ask, A) == LATER
