@@ -171,9 +171,13 @@ def phase_keepalive(quick: bool, workdir: Path) -> dict[str, Any]:
         "gateway_lapsed": status["lapsed"],
         "gateway_expired": status["expired"],
         "gateway_requests_in_window": counters["gateway"]["by_kind"],
-        "router_commands_in_window": {k: v for k, v in counters["router"]["commands"].items()
-                                      if k != "/login"},
+        "router_commands_in_window": _router_commands(counters),
     }
+
+
+def _router_commands(counters: dict[str, Any]) -> dict[str, int]:
+    """The router emulator's commands by name, logins left out."""
+    return {k: v for k, v in counters["router"]["commands"].items() if k != "/login"}
 
 
 def _around(series: list[float], second: int | None, begin: int) -> float | None:
@@ -261,8 +265,7 @@ def phase_remap(quick: bool, workdir: Path) -> dict[str, Any]:
         "not_on_granted_port": status["wrong"],
         "gateway_mappings_after": status["gateway_mappings"],
         "gateway_requests_after_loss": counters["gateway"]["by_kind"],
-        "router_commands_after_loss": {k: v for k, v in counters["router"]["commands"].items()
-                                       if k != "/login"},
+        "router_commands_after_loss": _router_commands(counters),
         "daemon_remapped": {k: remapped.get(k) for k in ("mappings", "seconds", "moved",
                                                          "failed", "retried")}
         if remapped else None,

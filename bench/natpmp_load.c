@@ -294,13 +294,32 @@ static double pick_us(const struct samples *s, double q)
     return s->ns[k] / 1e3;
 }
 
+/* Sorts the samples and prints the latency fields of the JSON result (continuing it). */
+static void print_latencies(struct samples *s)
+{
+    double mean = 0;
+    size_t k;
+    if (!s->n) {
+        printf(", \"p50_us\": 0, \"p90_us\": 0, \"p99_us\": 0, \"max_us\": 0, \"mean_us\": 0");
+        return;
+    }
+    for (k = 0; k < s->n; k++)
+        mean += s->ns[k];
+    mean /= (double)s->n;
+    qsort(s->ns, s->n, sizeof *s->ns, by_value);
+    printf(", \"p50_us\": %.2f, \"p90_us\": %.2f, \"p99_us\": %.2f, \"max_us\": %.2f, "
+           "\"mean_us\": %.2f",
+           pick_us(s, 0.50), pick_us(s, 0.90), pick_us(s, 0.99),
+           s->ns[s->n - 1] / 1e3, mean / 1e3);
+}
+
 static int main_address(int argc, char **argv)
 {
     struct options o = {.window = 1, .duration = 3.0, .warmup = 0.5, .timeout = 1.0};
     struct samples s = {0};
     struct tally t = {0};
     int has_target = 0, i;
-    double seconds, mean = 0;
+    double seconds;
     for (i = 0; i < argc; i++) {
         const char *arg = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (!value)
@@ -333,25 +352,12 @@ static int main_address(int argc, char **argv)
     else
         run_windowed(&o, &s, &t);
     seconds = s.n > 1 ? (double)(t.last - t.first) / 1e9 : 0.0;
-    if (s.n) {
-        size_t k;
-        for (k = 0; k < s.n; k++)
-            mean += s.ns[k];
-        mean /= (double)s.n;
-        qsort(s.ns, s.n, sizeof *s.ns, by_value);
-    }
     printf("{\"generator\": \"c\", \"mode\": \"address\", \"window\": %d, \"sent\": %ld, "
            "\"answered\": %zu, \"lost\": %ld, \"bad\": %ld, \"stray\": %ld, "
            "\"seconds\": %.6f, \"rate\": %.1f",
            o.window, t.sent, s.n, t.lost, t.bad, t.stray, seconds,
            seconds > 0 ? (double)s.n / seconds : 0.0);
-    if (s.n)
-        printf(", \"p50_us\": %.2f, \"p90_us\": %.2f, \"p99_us\": %.2f, \"max_us\": %.2f, "
-               "\"mean_us\": %.2f",
-               pick_us(&s, 0.50), pick_us(&s, 0.90), pick_us(&s, 0.99),
-               s.ns[s.n - 1] / 1e3, mean / 1e3);
-    else
-        printf(", \"p50_us\": 0, \"p90_us\": 0, \"p99_us\": 0, \"max_us\": 0, \"mean_us\": 0");
+    print_latencies(&s);
     printf("}\n");
     free(s.ns);
     return 0;
@@ -414,7 +420,7 @@ static int main_map(int argc, char **argv)
     struct samples s = {0};
     uint64_t start, last_check, timeout_ns = 2000000000u, give_up_ns = 30000000000u;
     unsigned char request[12], buf[64];
-    double seconds, mean = 0;
+    double seconds;
     for (i = 0; i < argc; i++) {
         const char *arg = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(arg, "--echo")) {
@@ -565,25 +571,12 @@ static int main_map(int argc, char **argv)
     for (i = 0; i < n_sources; i++)
         close(fds[i]);
     close(ep);
-    if (s.n) {
-        size_t k;
-        for (k = 0; k < s.n; k++)
-            mean += s.ns[k];
-        mean /= (double)s.n;
-        qsort(s.ns, s.n, sizeof *s.ns, by_value);
-    }
     printf("{\"generator\": \"c\", \"mode\": \"map\", \"window\": %d, \"sent\": %ld, "
            "\"answered\": %zu, \"retransmitted\": %ld, \"lost\": %ld, \"bad\": %ld, "
            "\"seconds\": %.6f, \"rate\": %.1f",
            o.window, sent, s.n, retransmitted, lost, bad, seconds,
            seconds > 0 ? (double)s.n / seconds : 0.0);
-    if (s.n)
-        printf(", \"p50_us\": %.2f, \"p90_us\": %.2f, \"p99_us\": %.2f, \"max_us\": %.2f, "
-               "\"mean_us\": %.2f",
-               pick_us(&s, 0.50), pick_us(&s, 0.90), pick_us(&s, 0.99),
-               s.ns[s.n - 1] / 1e3, mean / 1e3);
-    else
-        printf(", \"p50_us\": 0, \"p90_us\": 0, \"p99_us\": 0, \"max_us\": 0, \"mean_us\": 0");
+    print_latencies(&s);
     printf(", \"results\": {");
     {
         const char *comma = "";
