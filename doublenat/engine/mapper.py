@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
+from typing import TypeVar
 
 from gevent.pool import Pool
 
@@ -99,6 +100,29 @@ def _upstream_failure(answer: MapAnswer | None) -> Outcome:
         return Outcome(answer.result)
     return _FAILED
 
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def in_pool(size: int, work: Callable[[T], R], items: list[T]) -> list[R]:
+    """`work` on every item, `size` at a time; the results in the items' order.
+    Interrupted (a shutdown's timeout, a kill), the workers end with the caller instead
+    of running on unowned."""
+    pool = Pool(size)
+    workers = []
+    try:
+        # Spawned here, not by Pool.map: its feeder greenlet would outlive a killed caller
+        # and go on starting workers.
+        for item in items:
+            workers.append(pool.spawn(work, item))  # waits while the pool is full
+        pool.join()
+    finally:
+        pool.kill(block=True, timeout=1)
+    for worker in workers:
+        if worker.exception is not None:
+            raise worker.exception
+    return [worker.value for worker in workers]
 
 class Mapper:
     def __init__(
@@ -701,8 +725,8 @@ class Mapper:
     def flush_upstream(self, final: bool = False) -> None:
         ends = list(self.table.upstream_ends.items())
         if ends:
-            Pool(_UPSTREAM_PARALLEL).map(
-                lambda e: self._end_upstream(e[0][0], e[0][1], e[1], keep_failed=final), ends)
+            in_pool(_UPSTREAM_PARALLEL, lambda e: self._end_upstream(
+                e[0][0], e[0][1], e[1], keep_failed=final), ends)
 
     # ---------------------------------------------------------- static mappings
 
@@ -810,7 +834,7 @@ class Mapper:
             work(items[0])
         elif items:
             # More workers than router connections keeps all of them busy.
-            Pool(_PARALLEL).map(work, items)
+            in_pool(_PARALLEL, work, items)
 
     def _changed(self, kind: ChangeKind, lease: Lease, why: str,
                  previous: int | None = None) -> None:

@@ -30,12 +30,12 @@ from collections.abc import Callable
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
+from gevent.pool import Group, Pool
 
 from doublenat.engine.address import AddressService
 from doublenat.engine.contracts import Clock, monotonic
 from doublenat.engine.events import mapping_fields
-from doublenat.engine.mapper import Mapper
+from doublenat.engine.mapper import Mapper, in_pool
 from doublenat.engine.model import Lease, MappingKey
 
 log = logging.getLogger("doublenat.upkeep")
@@ -116,6 +116,12 @@ class Upkeep:
         self._wake = Event()
         self._lost = Event()
         self._greenlets: list[gevent.Greenlet] = []
+        # Keep-alive renewals and later retries run in these (a re-map's end with its loop:
+        # in_pool), so stop() ends them all. A renewal left waiting on the gateway would
+        # outlive the daemon's shutdown, and greenlet reports the interpreter's killing it
+        # on stderr, not as JSON.
+        self._renewals = Pool(KEEPALIVE_PARALLEL)
+        self._later = Group()
         self.remaps = 0
         self.renewals_sent = 0
         self.renewals_failed = 0
@@ -153,11 +159,13 @@ class Upkeep:
     def stop(self) -> None:
         gevent.killall(self._greenlets, block=True, timeout=1)
         self._greenlets = []
+        for work in (self._renewals, self._later):
+            work.kill(block=True, timeout=1)
 
     # ------------------------------------------------------------- keep-alive
 
     def _keepalive_loop(self) -> None:
-        pool = Pool(KEEPALIVE_PARALLEL)
+        pool = self._renewals
         while True:
             self._wake.clear()
             due = self.schedule.next_due()
@@ -200,20 +208,21 @@ class Upkeep:
         started = self.clock()
         changes_before = self.mapper.counters["port_changes"]
         answers = self.mapper.upstream.answers
-        pool = Pool(REMAP_PARALLEL)
-        results = pool.map(lambda k: self._renew(k, "upstream lost"), stale)
+        results = in_pool(REMAP_PARALLEL, lambda k: self._renew(k, "upstream lost"), stale)
         again = [i for i, r in enumerate(results) if r is False]
         if again and self.mapper.upstream.answers > answers:
             # (Not when the gateway is silent: the keep-alive retries pace those.)
-            for i, result in zip(again, pool.map(
-                    lambda i: self._renew(stale[i], "upstream lost"), again), strict=True):
+            for i, result in zip(again, in_pool(
+                    REMAP_PARALLEL, lambda i: self._renew(stale[i], "upstream lost"), again),
+                    strict=True):
                 results[i] = result
         failed = sum(1 for r in results if r is False)
         if failed and not self.keepalive:
             # Without keep-alive nobody else would try again before the client does.
             for key, result in zip(stale, results, strict=True):
                 if result is False:
-                    gevent.spawn_later(RETRY_AFTER, self._renew, key, "upstream lost")
+                    self._later.add(gevent.spawn_later(
+                        RETRY_AFTER, self._renew, key, "upstream lost"))
         self.remaps += 1
         self.last_remap = {"mappings": len(stale), "seconds": self.clock() - started,
                            "moved": self.mapper.counters["port_changes"] - changes_before,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from ipaddress import IPv4Address
 
 import gevent
@@ -467,3 +468,24 @@ def test_external_mode_ports_swapped_by_a_new_gateway_are_both_served() -> None:
     assert mapper.leases[b_key].external_port == a_port
     assert not any(lease.parked for lease in mapper.leases.values())
     rules_match_leases(mapper, router)
+
+
+def test_work_in_a_pool_ends_with_its_caller() -> None:
+    """A shutdown's cleanup cut short by its timeout must not leave its workers running
+    on their own past the daemon's end."""
+    from doublenat.engine.mapper import in_pool
+
+    items = [f"in-pool item {i}" for i in range(8)]
+    finished: list[str] = []
+
+    def slow(item: str) -> None:
+        gevent.sleep(10)
+        finished.append(item)
+
+    caller = gevent.spawn(in_pool, 4, slow, items)
+    gevent.sleep(0.05)
+    caller.kill(block=True)
+    gevent.sleep(0.05)
+    running = [g for g in gc.get_objects() if isinstance(g, gevent.Greenlet)
+               and g.started and not g.dead and any(a in items for a in g.args)]
+    assert running == [] and finished == []

@@ -3,6 +3,7 @@ mappings and mapping-change events: the engine's timers over fakes and a fake cl
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from collections import Counter
@@ -332,3 +333,23 @@ def test_keepalive_wakes_in_ticks_not_once_per_renewal() -> None:
     loop.kill()
     assert sorted(renewed) == sorted(keys)  # every one renewed, none twice
     assert wake.waits <= 0.75 / 0.1 + 5, wake.waits
+
+
+def test_stop_ends_the_renewals_in_flight() -> None:
+    """Found by the fuzzer in the trixie chroot: a keep-alive renewal waiting on the
+    gateway outlived Upkeep.stop() (its pool was the loop's local), so it was still
+    running when the daemon exited, and greenlet wrote its finalisation complaint to
+    stderr: not a JSON log line."""
+    engine = Engine()
+    engine.map(A, 2234)
+    engine.clock.advance(40)  # the renewal falls due within 15-30 s of a 60 s grant
+    engine.gateway.delay = 30.0  # and the gateway holds it
+    engine.upkeep.start()
+    deadline = time.monotonic() + 5
+    while engine.upkeep.renewals_sent == 0:
+        assert time.monotonic() < deadline, "the keep-alive loop sent nothing"
+        gevent.sleep(0.01)
+    engine.upkeep.stop()
+    running = [g for g in gc.get_objects() if isinstance(g, gevent.Greenlet)
+               and not g.dead and g.args[-1:] == ("keep-alive",)]
+    assert running == []
