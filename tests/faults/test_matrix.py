@@ -16,6 +16,7 @@ from doublenat.engine.model import parse_owned
 from doublenat.lab.gateway import RequestKind
 from doublenat.lab.run import Lab
 from doublenat.protocol.natpmp import MapReply, MapRequest, Proto, Result
+from tests.freeport import free_udp_port
 from tests.lab_support import MakeLab, assert_rules_match_mappings, router_client, serve
 from tests.probe import Probe, probe
 
@@ -202,14 +203,6 @@ def test_two_clients_asking_for_the_same_port_at_once(lab: Lab) -> None:
 
 
 # -------------------------------------------------------------- process faults
-
-
-def free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def map_until_ready(client: Probe, proto: Proto, port: int) -> int:

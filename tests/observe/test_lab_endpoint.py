@@ -13,6 +13,7 @@ import pytest
 
 from doublenat.adapters.front import BindError
 from doublenat.protocol.natpmp import Result
+from tests.freeport import free_udp_port
 from tests.lab_support import MakeLab
 from tests.needs import need_program
 from tests.observe.support import get, metrics_addr, own_loopback, run_doublenat, samples
@@ -130,7 +131,7 @@ def test_metrics_addr_taken_stops_the_daemon_before_it_serves(make_lab: MakeLab)
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        listen_port = _free_udp_port()
+        listen_port = free_udp_port()
         lab = make_lab(start=False, listen=f"127.0.0.1:{listen_port}",
                        settings={"METRICS_ADDR": f"127.0.0.1:{port}"})
         with pytest.raises(BindError, match=f"METRICS_ADDR 127.0.0.1:{port} cannot be bound"):
@@ -138,12 +139,6 @@ def test_metrics_addr_taken_stops_the_daemon_before_it_serves(make_lab: MakeLab)
     # LISTEN_ADDR was let go again: nothing of the failed start is left holding it.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
         again.bind(("127.0.0.1", listen_port))
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_serve_with_metrics_addr_taken_exits_1_with_one_clear_line() -> None:

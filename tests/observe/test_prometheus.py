@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,6 +21,7 @@ import pytest
 
 from doublenat.lab.run import Lab
 from doublenat.protocol.natpmp import Result
+from tests.freeport import free_tcp_port
 from tests.lab_support import MakeLab
 from tests.needs import need_program
 from tests.observe.support import metrics_addr
@@ -107,12 +107,6 @@ def test_the_readme_rules_fire_when_they_should(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------ the real server
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Prometheus:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from doublenat.lab.routeros import RouterOsEmulator
 from doublenat.settings import SETTINGS
 from doublenat.tools.commands import register
 from tests.clirunner import cli_runner
+from tests.freeport import free_udp_port
 from tests.pki import make_pki
 
 USER = "doublenat"
@@ -23,12 +23,6 @@ PASSWORD = "Pw-0f-The-Router-7c1"  # distinctive, so a leak is found by a substr
 VPN_INTERFACE = "wg-proton"
 
 register(cli)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

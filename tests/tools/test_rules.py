@@ -15,7 +15,8 @@ from doublenat.lab.run import Lab, LabConfig
 from doublenat.protocol.natpmp import MapReply, MapRequest, Proto, Result, pack_request, parse_reply
 from doublenat.tools.commands import register
 from doublenat.tools.rules import format_table, owned_rules
-from tests.tools.conftest import VPN_INTERFACE, Invoke, free_udp_port
+from tests.freeport import free_udp_port
+from tests.tools.conftest import VPN_INTERFACE, Invoke
 
 OWNED = [
     ("tcp", "192.168.88.20", "51413", "40001", "double-natpmp-tcp 192.168.88.20:51413 via 40001"),
